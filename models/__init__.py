@@ -1,0 +1,17 @@
+"""Single-device model code: the video ViT family, position embeddings, masks, VideoMAE and conversions.
+
+Nothing in this package knows about processes, devices or precision.
+"""
+
+from models.videomae import PretrainModelConfig, VideoMAE, build_pretrain_model
+from models.vit import ClassifierConfig, ViTConfig, VisionTransformer, build_classifier
+
+__all__ = [
+    "ClassifierConfig",
+    "PretrainModelConfig",
+    "ViTConfig",
+    "VideoMAE",
+    "VisionTransformer",
+    "build_classifier",
+    "build_pretrain_model",
+]

@@ -1,0 +1,220 @@
+"""Masked video autoencoder (VideoMAE / MAE-ST): asymmetric encoder-decoder that owns its objective.
+
+``VideoMAE.forward(video, mask)`` takes a normalized clip and a token mask and returns ``(loss, pred, mask)``;
+the training engine never touches pixels, patches or targets. Parameter names follow the official VideoMAE
+pre-training checkpoints: ``encoder.*``, ``encoder_to_decoder``, ``mask_token``, ``decoder.blocks.*``,
+``decoder.norm``, ``decoder.head``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.flops import linear_flops, transformer_flops
+from models.pos_embed import PositionEmbedding
+from models.vit import ViTConfig, VisionTransformer, enable_checkpointing, make_blocks, run_blocks
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# VideoMAE's decoder (width, heads) for each encoder size.
+DECODER_DIMS = {
+    "vit_debug": (32, 2),
+    "vit_small": (192, 3),
+    "vit_base": (384, 6),
+    "vit_large": (512, 8),
+    "vit_huge": (640, 8),
+}
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: Optional[int] = None  # decoder width; None = VideoMAE's width for the encoder size
+    depth: int = 4  # decoder blocks
+    num_heads: Optional[int] = None  # None = VideoMAE's heads for the encoder size
+    mlp_ratio: float = 4.0  # MLP hidden width / decoder width
+    pos_embed: Literal["sincos", "separable"] = "sincos"  # decoder position table
+
+
+@dataclass
+class TargetConfig:
+    normalize: Literal["per_channel", "joint", "none"] = "per_channel"  # per-patch pixel normalization
+    frames: Literal["tubelet", "first"] = "tubelet"  # predict every frame of a tubelet or one time slice
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN  # mean the input clip was normalized with
+    pixel_std: tuple[float, ...] = IMAGENET_STD  # std the input clip was normalized with
+
+
+@dataclass
+class PretrainModelConfig:
+    encoder: ViTConfig = field(default_factory=ViTConfig)  # the encoder that is transferred afterwards
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # the light decoder
+    target: TargetConfig = field(default_factory=TargetConfig)  # what the decoder reconstructs
+
+    def __post_init__(self):
+        channels = self.encoder.in_chans
+        if len(self.target.pixel_mean) != channels or len(self.target.pixel_std) != channels:
+            raise ValueError(f"target.pixel_mean/pixel_std need {channels} values, one per input channel")
+
+    def decoder_dims(self) -> tuple[int, int]:
+        width, heads = DECODER_DIMS[self.encoder.arch]
+        return self.decoder.embed_dim or width, self.decoder.num_heads or heads
+
+
+def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """(B, C, T, H, W) → (B, N, tubelet·patch·patch, C): tokens t-major, pixels (t, y, x) within a token."""
+    b, c, t, h, w = video.shape
+    x = video.reshape(b, c, t // tubelet, tubelet, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch, c)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], tubelet: int, patch: int) -> torch.Tensor:
+    """Inverse of ``patchify`` for tokens (B, N, tubelet·patch·patch·C) → (B, C, T, H, W)."""
+    b = tokens.shape[0]
+    gt, gh, gw = grid
+    x = tokens.reshape(b, gt, gh, gw, tubelet, patch, patch, -1)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, x.shape[1], gt * tubelet, gh * patch, gw * patch)
+
+
+def normalize_patches(patches: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-token target normalization of (B, N, P, C) patches; returns (B, N, P·C)."""
+    if mode == "per_channel":
+        # VideoMAE: each channel over its P pixels, unbiased std, epsilon outside the square root.
+        mean = patches.mean(dim=-2, keepdim=True)
+        std = patches.var(dim=-2, unbiased=True, keepdim=True).sqrt()
+        return ((patches - mean) / (std + 1e-6)).flatten(2)
+    flat = patches.flatten(2)
+    if mode == "joint":
+        # MAE / MAE-ST: all P·C values of a token together, epsilon inside the square root.
+        mean = flat.mean(dim=-1, keepdim=True)
+        var = flat.var(dim=-1, unbiased=True, keepdim=True)
+        return (flat - mean) / (var + 1e-6).sqrt()
+    return flat
+
+
+class Decoder(nn.Module):
+    """Transformer over visible + mask tokens that predicts the pixels of the last ``num_pred`` tokens."""
+
+    def __init__(self, dim, depth, num_heads, mlp_ratio, out_dim, norm_eps, use_sdpa):
+        super().__init__()
+        self.blocks = make_blocks(dim, depth, num_heads, mlp_ratio, norm_eps=norm_eps, use_sdpa=use_sdpa)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.head = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, num_pred: int, checkpointing: str = "none") -> torch.Tensor:
+        x = run_blocks(self.blocks, x, checkpointing)
+        # The head runs only on the tokens that are scored (VideoMAE), not on the visible ones.
+        return self.head(self.norm(x[:, -num_pred:]))
+
+
+class VideoMAE(nn.Module):
+    """Masked video pre-training model.
+
+    The encoder sees only visible tokens. The decoder input is ``[visible + pos, mask_token + pos]`` in that
+    order (not unshuffled: positions are carried by the added table, so order does not change the result).
+    With a ``decoder_mask`` (VideoMAE V2 dual masking) mask tokens are placed at every position the decoder
+    keeps, and only tokens both hidden from the encoder and kept by the decoder are scored.
+    """
+
+    def __init__(self, cfg: PretrainModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        enc = cfg.encoder
+        self.tubelet, self.patch = enc.tubelet_size, enc.patch_size
+        self.pred_frames = enc.tubelet_size if cfg.target.frames == "tubelet" else 1
+        self.checkpointing = enc.checkpointing
+
+        self.encoder = VisionTransformer(enc, num_classes=0, global_pool="none", init="xavier")
+        dec_dim, dec_heads = cfg.decoder_dims()
+        self.encoder_to_decoder = nn.Linear(self.encoder.embed_dim, dec_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        self.decoder_pos_embed = PositionEmbedding(cfg.decoder.pos_embed, enc.grid, dec_dim)
+        out_dim = enc.in_chans * self.pred_frames * self.patch**2
+        self.decoder = Decoder(
+            dec_dim, cfg.decoder.depth, dec_heads, cfg.decoder.mlp_ratio, out_dim, enc.norm_eps,
+            use_sdpa=enc.attention == "sdpa",
+        )
+        self.register_buffer("pixel_mean", torch.tensor(cfg.target.pixel_mean).view(1, -1, 1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.target.pixel_std).view(1, -1, 1, 1, 1), False)
+
+        self._init_decoder()
+        enable_checkpointing(self.decoder.blocks, self.checkpointing)
+
+    @torch.no_grad()
+    def _init_decoder(self) -> None:
+        for module in [self.encoder_to_decoder, *self.decoder.modules()]:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @torch.no_grad()
+    def targets(self, video: torch.Tensor) -> torch.Tensor:
+        """Reconstruction targets (B, N, pred_frames·patch²·C) from the normalized clip, in float32."""
+        raw = video.float() * self.pixel_std + self.pixel_mean
+        if self.pred_frames == 1:
+            # One time slice per token (MAE-ST): the first frame of each tubelet.
+            raw = raw[:, :, :: self.tubelet]
+        return normalize_patches(patchify(raw, self.pred_frames, self.patch), self.cfg.target.normalize)
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor, decoder_mask: Optional[torch.Tensor] = None):
+        """video (B, C, T, H, W) normalized; mask (B, N) True = hidden from the encoder;
+        decoder_mask (B, N) True = dropped by the decoder, or None.
+
+        Returns ``loss`` (scalar, float32), ``pred`` (B, N_pred, P) for the decoded positions in ascending
+        token order (the hidden ones, or the decoder-kept ones with a decoder mask) and ``mask``.
+        """
+        b = video.shape[0]
+        grid = self.encoder.patch_embed.grid(video)
+        decoded = mask if decoder_mask is None else ~decoder_mask
+
+        latent = self.encoder_to_decoder(self.encoder.forward_features(video, mask))
+        latent = latent[:, self.encoder.num_prefix_tokens :]  # the decoder has no cls token
+        dim = latent.shape[-1]
+        pos = self.decoder_pos_embed(grid).to(latent.dtype).expand(b, -1, -1)
+        pos_visible = pos[~mask].reshape(b, -1, dim)
+        pos_decoded = pos[decoded].reshape(b, -1, dim)
+        x = torch.cat([latent + pos_visible, self.mask_token.to(latent.dtype) + pos_decoded], dim=1)
+        pred = self.decoder(x, pos_decoded.shape[1], self.checkpointing)
+
+        target = self.targets(video)
+        target = target[decoded].reshape(b, -1, target.shape[-1])
+        error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=-1)
+        if decoder_mask is None:
+            loss = error.mean()
+        else:
+            scored = mask[decoded].reshape(b, -1).float()
+            loss = (error * scored).sum() / scored.sum().clamp(min=1)
+        return loss, pred, mask
+
+    def forward_flops(self, grid, num_visible: int, num_decoded: Optional[int] = None) -> int:
+        """Forward FLOPs of one clip: encoder on ``num_visible`` tokens, decoder over visible + decoded."""
+        num_tokens = math.prod(grid)
+        num_decoded = num_tokens - num_visible if num_decoded is None else num_decoded
+        dec_dim = self.mask_token.shape[-1]
+        flops = self.encoder.forward_flops(grid, num_visible)
+        flops += linear_flops(num_visible, self.encoder.embed_dim, dec_dim)
+        flops += transformer_flops(num_visible + num_decoded, dec_dim, len(self.decoder.blocks),
+                                   self.cfg.decoder.mlp_ratio)
+        flops += linear_flops(num_decoded, dec_dim, self.decoder.head.out_features)
+        return flops
+
+    def no_weight_decay(self) -> set[str]:
+        names = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+        names |= {name for name, _ in self.named_parameters() if "pos_embed" in name}
+        return names | {"mask_token"}
+
+
+def build_pretrain_model(cfg: PretrainModelConfig) -> VideoMAE:
+    return VideoMAE(cfg)
