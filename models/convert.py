@@ -1,0 +1,307 @@
+"""Checkpoint conversion between our parameter names, official VideoMAE releases and Hugging Face VideoMAE.
+
+Our names are those of the official MCG-NJU release (see ``models/vit.py`` and ``models/videomae.py``), so
+official checkpoints need little more than unwrapping and prefix handling. Hugging Face ``transformers``
+stores separate q/k/v projections and its own module names; ``hf_to_ours`` / ``ours_to_hf`` translate
+between the two layouts. Every function raises on keys it does not recognise instead of passing them on,
+so a checkpoint from another architecture fails loudly here rather than half-loading later.
+
+Position tables never need converting: the sin-cos tables of both layouts are fixed and not stored.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+HFNaming = Literal["v4", "v5"]
+
+# Checkpoint containers, tried in this order, and the prefixes that training wrappers add to every key.
+CONTAINER_KEYS = ("model", "module", "model_state", "state_dict")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP / DeepSpeed, torch.compile
+
+
+def _installed_hf_naming() -> HFNaming:
+    """The q/v bias naming of the installed transformers (v5 when it is not installed)."""
+    try:
+        major = int(importlib.metadata.version("transformers").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return "v5"
+    return "v4" if major < 5 else "v5"
+
+
+DEFAULT_HF_NAMING: HFNaming = _installed_hf_naming()
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did besides copying keys unchanged."""
+
+    dropped: list[str] = field(default_factory=list)  # source keys left out on purpose
+    renamed: int = 0  # kept keys whose name changed (wrapper prefixes such as ``module.`` not counted)
+
+
+def _raise_unrecognised(keys: Iterable[str], what: str) -> None:
+    keys = sorted(keys)
+    if keys:
+        shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+        raise ValueError(f"unrecognised keys in {what}: {shown}")
+
+
+def _put(out: StateDict, key: str, value: torch.Tensor, source: str) -> None:
+    """Insert ``key``, refusing to overwrite: two source keys mapping to one target is a naming clash."""
+    if key in out:
+        raise ValueError(f"two source keys map to {key!r} (the second is {source!r})")
+    out[key] = value
+
+
+# ---- unwrapping ------------------------------------------------------------------------------------------------
+
+
+def _strip_wrappers(key: str) -> str:
+    # Wrappers can nest in either order (a compiled model inside DDP, or the reverse).
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def unwrap_state_dict(obj: Mapping) -> StateDict:
+    """The tensor state dict inside a checkpoint, with wrapper prefixes removed.
+
+    ``obj`` is a state dict or a checkpoint dict holding one under ``model``, ``module``, ``model_state`` or
+    ``state_dict`` (nested containers are followed). ``module.`` (DataParallel/DDP/DeepSpeed) and
+    ``_orig_mod.`` (torch.compile) prefixes are stripped from every key.
+    """
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"expected a state dict or checkpoint dict, got {type(obj).__name__}")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(
+            f"no state dict found: entries {sorted(map(str, not_tensors))[:10]} are not tensors and none of "
+            f"{CONTAINER_KEYS} holds a dict"
+        )
+    out: StateDict = {}
+    for key, value in obj.items():
+        _put(out, _strip_wrappers(key), value, key)
+    return out
+
+
+# ---- official VideoMAE / VideoMAE V2 ---------------------------------------------------------------------------
+
+# Official parameter names (ours), as regular expressions matched against whole keys.
+_BLOCK_PARAM = (
+    r"blocks\.\d+\.(?:(?:norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)"
+    r"|attn\.qkv\.weight|attn\.q_bias|attn\.v_bias|gamma_1|gamma_2)"
+)
+_CLASSIFIER_KEY = re.compile(
+    rf"patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|(?:norm|fc_norm|head)\.(?:weight|bias)"
+)
+_PRETRAIN_KEY = re.compile(
+    rf"encoder\.(?:patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|norm\.(?:weight|bias))"
+    rf"|encoder_to_decoder\.weight|mask_token|decoder\.(?:{_BLOCK_PARAM}|(?:norm|head)\.(?:weight|bias))"
+)
+
+
+def _is_pretrain_only(key: str) -> bool:
+    return key.startswith("decoder.") or key in ("encoder_to_decoder.weight", "mask_token")
+
+
+def official_to_classifier(
+    sd: Mapping, *, global_pool: Literal["mean", "cls"] = "mean"
+) -> tuple[StateDict, ConversionReport]:
+    """Official VideoMAE / VideoMAE V2 checkpoint → state dict of our classifier (``build_classifier``).
+
+    Accepts pre-training checkpoints (``encoder.`` prefix plus decoder keys), fine-tuned ones (plain keys) and
+    V2 ones with a ``backbone.`` prefix, wrapped or not (see ``unwrap_state_dict``). Pre-training-only keys
+    (decoder, ``encoder_to_decoder``, ``mask_token``) are dropped and listed in the report. With mean pooling
+    the encoder's final ``norm`` is dropped too: our mean-pooling classifier has no final norm (it starts a
+    fresh ``fc_norm``), exactly as VideoMAE's fine-tuning discards it. Load the result with ``strict=False``
+    when the head (and ``fc_norm``) are new.
+    """
+    report = ConversionReport()
+    out: StateDict = {}
+    unknown = []
+    for source, value in unwrap_state_dict(sd).items():
+        base = source.removeprefix("backbone.")  # VideoMAE V2 wraps the ViT as ``backbone``
+        key = base.removeprefix("encoder.")  # pre-training checkpoints
+        if _is_pretrain_only(base) or (global_pool == "mean" and key in ("norm.weight", "norm.bias")):
+            report.dropped.append(source)
+        elif _CLASSIFIER_KEY.fullmatch(key):
+            _put(out, key, value, source)
+            report.renamed += key != source
+        else:
+            unknown.append(source)
+    _raise_unrecognised(unknown, "official VideoMAE checkpoint (classifier conversion)")
+    return out, report
+
+
+def official_to_pretrain(sd: Mapping) -> tuple[StateDict, ConversionReport]:
+    """Official VideoMAE pre-training checkpoint → state dict of our ``VideoMAE``.
+
+    Our pre-training names are the official ones, so this only unwraps and checks that every key belongs to
+    the pre-training model (a fine-tuned checkpoint, for instance, is refused).
+    """
+    sd = unwrap_state_dict(sd)
+    unknown = [k for k in sd if not _PRETRAIN_KEY.fullmatch(k)]
+    _raise_unrecognised(unknown, "official VideoMAE pre-training checkpoint")
+    return sd, ConversionReport()
+
+
+# ---- Hugging Face transformers ---------------------------------------------------------------------------------
+
+_HF_PATCH_EMBED = "videomae.embeddings.patch_embeddings.projection"
+_HF_QKV = ("query", "key", "value")  # order of the chunks in our fused qkv weight
+_HF_QV_BIAS = {  # our q/v bias → HF name; transformers v5 folded them into the Linear layers
+    "v4": {"attn.q_bias": "attention.attention.q_bias", "attn.v_bias": "attention.attention.v_bias"},
+    "v5": {"attn.q_bias": "attention.attention.query.bias", "attn.v_bias": "attention.attention.value.bias"},
+}
+
+
+def _weight_and_bias(ours: str, hf: str) -> dict[str, str]:
+    return {f"{ours}.{p}": f"{hf}.{p}" for p in ("weight", "bias")}
+
+
+def _hf_outer_names(pretrain: bool) -> dict[str, str]:
+    """Our key → HF key for every parameter outside the transformer blocks."""
+    if pretrain:
+        return {
+            **_weight_and_bias("encoder.patch_embed.proj", _HF_PATCH_EMBED),
+            **_weight_and_bias("encoder.norm", "videomae.layernorm"),
+            "encoder_to_decoder.weight": "encoder_to_decoder.weight",
+            "mask_token": "mask_token",
+            **_weight_and_bias("decoder.norm", "decoder.norm"),
+            **_weight_and_bias("decoder.head", "decoder.head"),
+        }
+    return {
+        **_weight_and_bias("patch_embed.proj", _HF_PATCH_EMBED),
+        **_weight_and_bias("norm", "videomae.layernorm"),
+        **_weight_and_bias("fc_norm", "fc_norm"),
+        **_weight_and_bias("head", "classifier"),
+    }
+
+
+def _hf_block_lists(pretrain: bool) -> dict[str, str]:
+    """Our block list → HF layer list."""
+    if pretrain:
+        return {"encoder.blocks": "videomae.encoder.layer", "decoder.blocks": "decoder.decoder_layers"}
+    return {"blocks": "videomae.encoder.layer"}
+
+
+def _hf_block_names(naming: HFNaming) -> dict[str, str]:
+    """Our name → HF name inside one block, except the fused qkv weight (split into three)."""
+    return {
+        **_weight_and_bias("norm1", "layernorm_before"),
+        **_weight_and_bias("norm2", "layernorm_after"),
+        **_weight_and_bias("attn.proj", "attention.output.dense"),
+        **_weight_and_bias("mlp.fc1", "intermediate.dense"),
+        **_weight_and_bias("mlp.fc2", "output.dense"),
+        **_HF_QV_BIAS[naming],
+    }
+
+
+def _split_block_key(key: str, lists: Mapping[str, str]) -> tuple[str, str] | None:
+    """``'encoder.blocks.3.norm1.weight'`` → (``'videomae.encoder.layer.3'``, ``'norm1.weight'``) with
+    ``lists`` mapping source list → target list; None when ``key`` is not inside a block."""
+    for source, target in lists.items():
+        match = re.fullmatch(rf"{re.escape(source)}\.(\d+)\.(.+)", key)
+        if match:
+            return f"{target}.{match[1]}", match[2]
+    return None
+
+
+def _invert(mapping: Mapping[str, str]) -> dict[str, str]:
+    return {v: k for k, v in mapping.items()}
+
+
+def hf_to_ours(sd: Mapping, *, pretrain: bool) -> StateDict:
+    """Hugging Face ``VideoMAEForPreTraining`` (``pretrain=True``) or ``VideoMAEForVideoClassification`` state
+    dict → our ``VideoMAE`` or classifier state dict.
+
+    Separate q/k/v weights are fused into ``attn.qkv.weight``; q/v biases are accepted under both the
+    transformers v4 (``q_bias``/``v_bias``) and v5 (``query.bias``/``value.bias``) names. HF has no k bias and
+    neither do we, so nothing is lost. A classification state dict without the ``videomae.`` prefix (a bare
+    ``VideoMAEModel``) is accepted too.
+    """
+    sd = unwrap_state_dict(sd)
+    if not pretrain and not any(k.startswith("videomae.") for k in sd):
+        sd = {f"videomae.{k}": v for k, v in sd.items()}
+    outer = _invert(_hf_outer_names(pretrain))
+    lists = _invert(_hf_block_lists(pretrain))
+    inner = {**_invert(_hf_block_names("v4")), **_invert(_hf_block_names("v5"))}
+    out: StateDict = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}  # our block prefix → {query, key, value} weights
+    unknown = []
+    for key, value in sd.items():
+        if key in outer:
+            _put(out, outer[key], value, key)
+            continue
+        block = _split_block_key(key, lists)
+        if block is not None:
+            prefix, name = block
+            part = re.fullmatch(r"attention\.attention\.(query|key|value)\.weight", name)
+            if part:
+                qkv.setdefault(prefix, {})[part[1]] = value
+                continue
+            if name in inner:
+                _put(out, f"{prefix}.{inner[name]}", value, key)
+                continue
+        unknown.append(key)
+    _raise_unrecognised(unknown, "Hugging Face VideoMAE state dict")
+    for prefix, parts in qkv.items():
+        missing = [p for p in _HF_QKV if p not in parts]
+        if missing:
+            raise ValueError(f"{prefix}: HF attention lacks the {', '.join(missing)} weight(s) needed to fuse qkv")
+        out[f"{prefix}.attn.qkv.weight"] = torch.cat([parts[p] for p in _HF_QKV], dim=0)
+    if pretrain and "encoder.norm.weight" not in out:
+        # HF builds videomae.layernorm only with use_mean_pooling=False, as VideoMAE's pre-training configs set.
+        raise ValueError(
+            "HF pre-training state dict has no videomae.layernorm (built with use_mean_pooling=True), but our "
+            "pre-training encoder ends with a LayerNorm as in the official layout; use use_mean_pooling=False"
+        )
+    return out
+
+
+def ours_to_hf(sd: Mapping, *, pretrain: bool, naming: HFNaming = DEFAULT_HF_NAMING) -> StateDict:
+    """Our ``VideoMAE`` (``pretrain=True``) or mean-pooling classifier state dict → Hugging Face
+    ``VideoMAEForPreTraining`` / ``VideoMAEForVideoClassification`` state dict.
+
+    ``naming`` picks the q/v bias names: ``'v4'`` (``q_bias``/``v_bias``, what v4 checkpoints on the Hub use)
+    or ``'v5'`` (``query.bias``/``value.bias``, the modules of transformers >= 5); the default follows the
+    installed transformers. No k bias is emitted (HF's key projection has none). Parameters HF cannot hold
+    (LayerScale, cls token, learnable position tables) are refused.
+    """
+    sd = unwrap_state_dict(sd)
+    outer = _hf_outer_names(pretrain)
+    lists = _hf_block_lists(pretrain)
+    inner = _hf_block_names(naming)
+    out: StateDict = {}
+    unknown = []
+    for key, value in sd.items():
+        if key in outer:
+            _put(out, outer[key], value, key)
+            continue
+        block = _split_block_key(key, lists)
+        if block is not None:
+            prefix, name = block
+            if name == "attn.qkv.weight":
+                for part, chunk in zip(_HF_QKV, value.chunk(3, dim=0)):
+                    # clone: views of one storage would be refused by safetensors' save_file.
+                    _put(out, f"{prefix}.attention.attention.{part}.weight", chunk.clone(), key)
+                continue
+            if name in inner:
+                _put(out, f"{prefix}.{inner[name]}", value, key)
+                continue
+        unknown.append(key)
+    _raise_unrecognised(unknown, "our state dict (conversion to Hugging Face)")
+    return out
