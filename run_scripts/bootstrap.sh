@@ -36,4 +36,5 @@ torch_index=()
 "${pip[@]}" "${torch_index[@]}" torch torchvision
 "${pip[@]}" --no-build-isolation -e "$root[dev]"
 echo "$fingerprint" > "$stamp"
-echo "bootstrap: ready ($("$venv/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))" >&2
+versions=$("$venv/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)
+echo "bootstrap: ready: $versions" >&2
