@@ -7,7 +7,8 @@ Run from the repository root (CPU; about a minute with the defaults on 2 cores):
         --json /tmp/sparse.json
 
 What is measured (forward + backward of ``mean(output)``, median of ``--repeats`` runs after ``--warmup``
-untimed ones, each run on its own random clip and mask drawn before any timing starts):
+untimed ones, each run on its own random clip and mask drawn before any timing starts; the two variants of
+each comparison alternate run by run, so a busy machine slows both alike):
 
 * dense  - the pre-training encoder (``global_pool='none'``) on ALL tokens (``mask=None``);
 * sparse - the same encoder on the visible tokens of a ``--mask-ratio`` tube mask (VideoMAE's encoder).
@@ -41,9 +42,9 @@ import torch
 # Run as a file from anywhere: make the repository root importable (the project may not be installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.masking import tube_mask
-from models.videomae import DECODER_DIMS
-from models.vit import ARCHS, Attention, ViTConfig, VisionTransformer
+from models.masking import tube_mask  # noqa: E402  (after the sys.path line)
+from models.videomae import DECODER_DIMS  # noqa: E402
+from models.vit import ARCHS, Attention, ViTConfig, VisionTransformer  # noqa: E402
 
 TARGET_ETA = 0.8
 DECODER_ARCHS = ("vit_small", "vit_base")  # whose decoder attention is timed: (192, 3 heads), (384, 6 heads)
@@ -89,20 +90,23 @@ def num_visible(mask: torch.Tensor) -> int:
 # ---- timing -------------------------------------------------------------------------------------------------
 
 
-def fwd_bwd_seconds(
-    module: torch.nn.Module, run: Callable[[object], torch.Tensor], inputs: list, warmup: int
-) -> list[float]:
-    """Wall times of ``run(input).mean().backward()`` for ``inputs[warmup:]`` (the first ``warmup`` are run
-    untimed). Gradients are cleared outside the timed region, so every run allocates them the same way.
-    """
-    times = []
+def fwd_bwd_seconds(module: torch.nn.Module, run: Callable[[object], torch.Tensor], item) -> float:
+    """Wall time of one ``run(item).mean().backward()``; gradients are cleared before the clock starts."""
+    module.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    run(item).float().mean().backward()
+    return time.perf_counter() - start
+
+
+def time_interleaved(cases: dict, inputs: list, warmup: int) -> dict[str, list[float]]:
+    """Times of every case ``name -> (module, run)`` on each input, the cases alternating input by input so
+    that load from anything else on the machine hits them alike; the first ``warmup`` inputs are untimed."""
+    times = {name: [] for name in cases}
     for i, item in enumerate(inputs):
-        module.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        run(item).float().mean().backward()
-        elapsed = time.perf_counter() - start
-        if i >= warmup:
-            times.append(elapsed)
+        for name, (module, run) in cases.items():
+            elapsed = fwd_bwd_seconds(module, run, item)
+            if i >= warmup:
+                times[name].append(elapsed)
     return times
 
 
@@ -118,8 +122,12 @@ def bench_encoder(args: argparse.Namespace, generator: torch.Generator) -> dict:
     masks = draw_masks(runs, args.batch, cfg, args.mask_ratio, generator)
     visible = num_visible(masks[0])
 
-    dense = summarize(fwd_bwd_seconds(encoder, lambda clip: encoder(clip), clips, args.warmup))
-    sparse = summarize(fwd_bwd_seconds(encoder, lambda pair: encoder(*pair), list(zip(clips, masks)), args.warmup))
+    cases = {
+        "dense": (encoder, lambda pair: encoder(pair[0])),  # mask=None: every token
+        "sparse": (encoder, lambda pair: encoder(*pair)),  # visible tokens only
+    }
+    times = time_interleaved(cases, list(zip(clips, masks)), args.warmup)
+    dense, sparse = summarize(times["dense"]), summarize(times["sparse"])
 
     dense_flops = encoder.forward_flops(cfg.grid)
     sparse_flops = encoder.forward_flops(cfg.grid, visible)
@@ -144,16 +152,17 @@ def bench_encoder(args: argparse.Namespace, generator: torch.Generator) -> dict:
 def bench_attention(dim: int, heads: int, tokens: int, args: argparse.Namespace, generator) -> dict:
     """One attention layer over ``tokens`` tokens: fused SDPA vs explicit softmax, same weights and inputs."""
     runs = args.warmup + args.repeats
-    inputs = [torch.randn(args.batch, tokens, dim, generator=generator).requires_grad_() for _ in range(runs)]
+    inputs = [torch.randn(args.batch, tokens, dim, generator=generator) for _ in range(runs)]
     sdpa = Attention(dim, heads, use_sdpa=True)
     manual = Attention(dim, heads, use_sdpa=False)
     manual.load_state_dict(sdpa.state_dict())
-    seconds = {
-        name: statistics.median(fwd_bwd_seconds(layer, layer, inputs, args.warmup))
-        for name, layer in (("sdpa", sdpa), ("manual", manual))
-    }
-    return {"dim": dim, "heads": heads, "tokens": tokens, "sdpa_s": seconds["sdpa"],
-            "manual_s": seconds["manual"], "manual_over_sdpa": seconds["manual"] / seconds["sdpa"]}
+    # A fresh leaf per call, so the input gradient is computed (as inside a network) and never accumulated.
+    cases = {name: (layer, lambda x, layer=layer: layer(x.detach().requires_grad_()))
+             for name, layer in (("sdpa", sdpa), ("manual", manual))}
+    times = time_interleaved(cases, inputs, args.warmup)
+    sdpa_s, manual_s = statistics.median(times["sdpa"]), statistics.median(times["manual"])
+    return {"dim": dim, "heads": heads, "tokens": tokens, "sdpa_s": sdpa_s, "manual_s": manual_s,
+            "manual_over_sdpa": manual_s / sdpa_s}
 
 
 # ---- report -------------------------------------------------------------------------------------------------
