@@ -204,7 +204,7 @@ class VideoMAE(nn.Module):
         num_decoded = num_tokens - num_visible if num_decoded is None else num_decoded
         dec_dim = self.mask_token.shape[-1]
         flops = self.encoder.forward_flops(grid, num_visible)
-        flops += linear_flops(num_visible, self.encoder.embed_dim, dec_dim)
+        flops += linear_flops(num_visible + self.encoder.num_prefix_tokens, self.encoder.embed_dim, dec_dim)
         flops += transformer_flops(num_visible + num_decoded, dec_dim, len(self.decoder.blocks),
                                    self.cfg.decoder.mlp_ratio)
         flops += linear_flops(num_decoded, dec_dim, self.decoder.head.out_features)

@@ -17,7 +17,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.flops import transformer_flops
+from models.flops import linear_flops, transformer_flops
 from models.pos_embed import PositionEmbedding
 
 # (embed_dim, depth, num_heads) of the VideoMAE family, plus a debug size for tests and CPU smoke runs.
@@ -91,10 +91,20 @@ class PatchEmbed3D(nn.Module):
             raise ValueError(f"video of {t}×{h}×{w} is not divisible into {kt}×{kh}×{kw} tubelets")
         return (t // kt, h // kh, w // kw)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """video (B, C, T, H, W) → tokens (B, N, D)."""
-        self.grid(video)
-        return self.proj(video).flatten(2).transpose(1, 2)
+    def forward(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """video (B, C, T, H, W) → tokens (B, N, D), or only the visible ones (B, N_visible, D) under ``mask``."""
+        gt, gh, gw = self.grid(video)
+        if mask is None:
+            return self.proj(video).flatten(2).transpose(1, 2)
+        # Embed only the visible tubelets: at 90% masking the convolution over every tubelet would cost as
+        # much as a fifth of the sparse encoder. The conv becomes a matmul over tubelets flattened as
+        # (C, t, p, p), the layout of its weight.
+        b, c = video.shape[:2]
+        kt, kh, kw = self.kernel
+        tubelets = video.reshape(b, c, gt, kt, gh, kh, gw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        tubelets = tubelets.reshape(b, gt * gh * gw, -1)
+        visible = tubelets[~mask].reshape(b, -1, tubelets.shape[-1])
+        return F.linear(visible, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):
@@ -265,10 +275,13 @@ class VisionTransformer(nn.Module):
     def embed(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Patch tokens plus positions, visible ones only when ``mask`` (B, N; True = hidden) is given."""
         grid = self.patch_embed.grid(video)
-        x = self.patch_embed(video) + self.pos_embed(grid).to(video.dtype)
-        if mask is not None:
-            # Every sample hides the same number of tokens, so the gather is a reshape.
-            x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])
+        pos = self.pos_embed(grid).to(video.dtype)
+        if mask is None:
+            x = self.patch_embed(video) + pos
+        else:
+            # Every sample hides the same number of tokens, so the gathers are reshapes.
+            b, dim = video.shape[0], pos.shape[-1]
+            x = self.patch_embed(video, mask) + pos.expand(b, -1, -1)[~mask].reshape(b, -1, dim)
         if self.cls_token is not None:
             cls = self.cls_token if self.pos_embed.cls is None else self.cls_token + self.pos_embed.cls
             x = torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
@@ -307,14 +320,15 @@ class VisionTransformer(nn.Module):
         return self.depth + 1
 
     def forward_flops(self, grid: Grid, num_visible: Optional[int] = None) -> int:
-        """Forward FLOPs (2 per multiply-add) of one clip; ``num_visible`` tokens enter the blocks if given."""
-        num_tokens = math.prod(grid)
-        encoded = (num_tokens if num_visible is None else num_visible) + self.num_prefix_tokens
+        """Forward FLOPs (2 per multiply-add) of one clip; only ``num_visible`` tokens are embedded and
+        encoded when given."""
+        num_tokens = math.prod(grid) if num_visible is None else num_visible
         patch_volume = self.cfg.in_chans * self.cfg.tubelet_size * self.cfg.patch_size**2
-        flops = 2 * num_tokens * patch_volume * self.embed_dim
-        flops += transformer_flops(encoded, self.embed_dim, self.depth, self.cfg.mlp_ratio)
-        if isinstance(self.head, nn.Linear):
-            flops += 2 * self.embed_dim * self.head.out_features
+        flops = linear_flops(num_tokens, patch_volume, self.embed_dim)
+        flops += transformer_flops(num_tokens + self.num_prefix_tokens, self.embed_dim, self.depth,
+                                   self.cfg.mlp_ratio)
+        if self.global_pool != "none" and isinstance(self.head, nn.Linear):
+            flops += linear_flops(1, self.embed_dim, self.head.out_features)
         return flops
 
 
