@@ -866,3 +866,22 @@ def _parse_flag(token: str) -> tuple[str, Any]:
     if not name:
         raise ConfigError(f"malformed flag {token!r}; {USAGE}")
     return name.replace("-", "_"), (value if has_value else True)
+
+
+def config_from_cli(cls: type, argv: Optional[Sequence[str]] = None) -> tuple[Any, dict[str, Any]]:
+    """What an entry point calls: ``(config, flags)`` from ``--config PATH key=value ... --flag``.
+
+    A configuration error ends the process with its message and exit code 2 instead of a traceback:
+    it is the user's input that needs fixing, not the code. ``--help`` prints the usage and the valid
+    top-level sections.
+    """
+    try:
+        config_path, overrides, flags = parse_cli(argv)
+        if flags.get("help"):
+            sections = ", ".join(f.name for f in dataclasses.fields(cls))
+            print(f"{USAGE}\ntop-level config sections of {cls.__name__}: {sections}")
+            raise SystemExit(0)
+        return load_config(cls, config_path, overrides), flags
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

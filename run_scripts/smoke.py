@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.config import load_config, parse_cli, save_config
+from engine.config import config_from_cli, save_config
 from engine.pretrain import PretrainConfig, build_model_and_masks, derive_pretrain
 
 log = logging.getLogger("smoke")
@@ -39,9 +39,8 @@ def normalize(video: torch.Tensor, mean, std) -> torch.Tensor:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    config_path, overrides, flags = parse_cli(argv)
+    cfg, flags = config_from_cli(PretrainConfig, argv)
     steps = int(flags.get("steps", 60))
-    cfg = load_config(PretrainConfig, config_path, overrides)
     derived = derive_pretrain(cfg, world_size=1)
     save_config(cfg, cfg.run.output_dir, derived)
 

@@ -456,3 +456,19 @@ def test_derived_is_frozen_and_as_dict_is_plain():
     assert_plain(plain)
     assert plain["token_grid"] == [8, 14, 14]
     assert isinstance(d, Derived)
+
+
+def test_config_from_cli_exits_with_the_message_not_a_traceback(capsys):
+    from engine.config import config_from_cli
+
+    cfg, flags = config_from_cli(OptimConfig, ["blr=1e-3", "--dry-run"])
+    assert cfg.blr == 1e-3 and flags == {"dry_run": True}
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_cli(OptimConfig, ["blrr=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'blrr'" in err and "did you mean 'blr'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        config_from_cli(OptimConfig, ["--help"])
+    assert exit_info.value.code == 0
+    assert "blr, lr, min_lr" in capsys.readouterr().out
