@@ -151,6 +151,16 @@ def _check_even_spatial_grid(grid: Grid) -> None:
         )
 
 
+def _checked_arguments(
+    batch: int, grid: Grid, ratio: float, device: DeviceLike, generator: Optional[torch.Generator]
+) -> tuple[Grid, torch.device]:
+    """Validate what every encoder mask takes; return the grid as a tuple and the device to draw on."""
+    _check_batch(batch)
+    grid = _check_grid(grid)
+    _check_ratio(ratio)
+    return grid, _resolve_device(device, generator)
+
+
 def _masked_count(ratio: float, total: int) -> int:
     """Number of masked items out of ``total``: plain truncation, like VideoMAE/MAE-ST."""
     return int(ratio * total)
@@ -231,10 +241,7 @@ def tube_mask(
     Each sample draws one spatial mask of ``int(ratio * H * W)`` positions and repeats it
     over all T temporal indices. Returns (B, T*H*W) bool, True = masked.
     """
-    _check_batch(batch)
-    frames, height, width = _check_grid(grid)
-    _check_ratio(ratio)
-    device = _resolve_device(device, generator)
+    (frames, height, width), device = _checked_arguments(batch, grid, ratio, device, generator)
     per_frame = _random_subset_mask(
         batch, height * width, _masked_count(ratio, height * width), device, generator
     )
@@ -252,10 +259,7 @@ def random_mask(
 
     Returns (B, N) bool, True = masked.
     """
-    _check_batch(batch)
-    frames, height, width = _check_grid(grid)
-    _check_ratio(ratio)
-    device = _resolve_device(device, generator)
+    (frames, height, width), device = _checked_arguments(batch, grid, ratio, device, generator)
     num_tokens = frames * height * width
     return _random_subset_mask(batch, num_tokens, _masked_count(ratio, num_tokens), device, generator)
 
@@ -271,10 +275,7 @@ def frame_mask(
 
     Returns (B, T*H*W) bool, True = masked.
     """
-    _check_batch(batch)
-    frames, height, width = _check_grid(grid)
-    _check_ratio(ratio)
-    device = _resolve_device(device, generator)
+    (frames, height, width), device = _checked_arguments(batch, grid, ratio, device, generator)
     per_time = _random_subset_mask(batch, frames, _masked_count(ratio, frames), device, generator)
     return per_time[:, :, None].expand(batch, frames, height * width).reshape(batch, frames * height * width)
 
@@ -402,14 +403,11 @@ def block_mask(
     the boxes used per sample as half-open ranges ``(t0, t1, h0, h1, w0, w1)``, in the order
     they were added, padded with rows of -1. The last non-padding row is the trimmed box.
     """
-    _check_batch(batch)
-    grid = _check_grid(grid)
-    _check_ratio(ratio)
+    grid, device = _checked_arguments(batch, grid, ratio, device, generator)
     _check_fraction(max_time_fraction, "max_time_fraction")
     _check_fraction(max_space_fraction, "max_space_fraction")
     if boxes_per_chunk < 1:
         raise ValueError(f"boxes_per_chunk must be >= 1, got {boxes_per_chunk!r}")
-    device = _resolve_device(device, generator)
     max_sides = block_max_sides(grid, max_time_fraction, max_space_fraction)
     num_tokens = grid[0] * grid[1] * grid[2]
     target = _masked_count(ratio, num_tokens)
