@@ -28,7 +28,10 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
 fi
 
 echo "bootstrap: building $venv (takes a few minutes the first time)" >&2
-[[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
+if [[ ! -x $venv/bin/python ]] && ! "$python" -m venv "$venv"; then
+    echo "bootstrap: '$python -m venv' failed; on Debian/Ubuntu install the python3-venv package" >&2
+    exit 1
+fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints")
 "${pip[@]}" --upgrade pip setuptools wheel
 torch_index=()
