@@ -46,8 +46,6 @@ class DecoderConfig:
 class TargetConfig:
     normalize: Literal["per_channel", "joint", "none"] = "per_channel"  # per-patch pixel normalization
     frames: Literal["tubelet", "first"] = "tubelet"  # predict every frame of a tubelet or one time slice
-    pixel_mean: tuple[float, ...] = IMAGENET_MEAN  # mean the input clip was normalized with
-    pixel_std: tuple[float, ...] = IMAGENET_STD  # std the input clip was normalized with
 
 
 @dataclass
@@ -55,11 +53,6 @@ class PretrainModelConfig:
     encoder: ViTConfig = field(default_factory=ViTConfig)  # the encoder that is transferred afterwards
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # the light decoder
     target: TargetConfig = field(default_factory=TargetConfig)  # what the decoder reconstructs
-
-    def __post_init__(self):
-        channels = self.encoder.in_chans
-        if len(self.target.pixel_mean) != channels or len(self.target.pixel_std) != channels:
-            raise ValueError(f"target.pixel_mean/pixel_std need {channels} values, one per input channel")
 
     def decoder_dims(self) -> tuple[int, int]:
         width, heads = DECODER_DIMS[self.encoder.arch]
@@ -123,8 +116,12 @@ class VideoMAE(nn.Module):
     keeps, and only tokens both hidden from the encoder and kept by the decoder are scored.
     """
 
-    def __init__(self, cfg: PretrainModelConfig):
+    def __init__(self, cfg: PretrainModelConfig, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+        """``pixel_mean``/``pixel_std``: the statistics the input clip was normalized with (the data config's),
+        needed to recover pixels for the targets."""
         super().__init__()
+        if len(pixel_mean) != cfg.encoder.in_chans or len(pixel_std) != cfg.encoder.in_chans:
+            raise ValueError(f"pixel_mean/pixel_std need {cfg.encoder.in_chans} values, one per input channel")
         self.cfg = cfg
         enc = cfg.encoder
         self.tubelet, self.patch = enc.tubelet_size, enc.patch_size
@@ -141,8 +138,8 @@ class VideoMAE(nn.Module):
             dec_dim, cfg.decoder.depth, dec_heads, cfg.decoder.mlp_ratio, out_dim, enc.norm_eps,
             use_sdpa=enc.attention == "sdpa",
         )
-        self.register_buffer("pixel_mean", torch.tensor(cfg.target.pixel_mean).view(1, -1, 1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.target.pixel_std).view(1, -1, 1, 1, 1), False)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1, 1), False)
 
         self._init_decoder()
         enable_checkpointing(self.decoder.blocks, self.checkpointing)

@@ -31,10 +31,9 @@ def smooth_clips(batch: int, cfg, generator: torch.Generator) -> torch.Tensor:
     return (video * 255).round().to(torch.uint8)
 
 
-def normalize(video: torch.Tensor, mean, std) -> torch.Tensor:
-    """What the engine does on the device: uint8 → float, scaled to [0, 1], per-channel mean/std."""
-    shape = (1, -1, 1, 1, 1)
-    return (video.float() / 255 - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
+def normalize(video: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """What the engine does on the device: uint8 → float in [0, 1] → per-channel mean/std (B, C, 1, 1, 1)."""
+    return (video.float() / 255 - mean) / std
 
 
 def main(argv=None) -> int:
@@ -54,8 +53,7 @@ def main(argv=None) -> int:
     log.info("derived: %s", derived.as_dict())
 
     generator = torch.Generator().manual_seed(cfg.run.seed)
-    target = cfg.model.target
-    video = normalize(smooth_clips(cfg.batch.micro_batch, cfg, generator), target.pixel_mean, target.pixel_std)
+    video = normalize(smooth_clips(cfg.batch.micro_batch, cfg, generator), model.pixel_mean, model.pixel_std)
     optimizer = torch.optim.AdamW(model.parameters(), lr=derived.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     losses = []
