@@ -415,8 +415,6 @@ class AugmentConfig:
 
     # pipeline: VideoMAE pre-training, MAE-ST pre-training, VideoMAE fine-tuning, or test views
     kind: AugmentKind = "multi_scale"
-    # side of the square clips the pipeline outputs, in pixels
-    size: int = 224
     # eval: short side frames are resized to before cropping (VideoMAE: 256 for 1 view, = size for 3 views)
     short_side: int = 256
     # random horizontal flip (p = 0.5); off for SSv2, whose labels say left/right, and VideoMAE pre-training
@@ -433,10 +431,6 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("multi_scale", "random_resized", "finetune", "eval"):
             raise ValueError(f"kind must be multi_scale, random_resized, finetune or eval, got {self.kind!r}")
-        if self.size < 1:
-            raise ValueError(f"size must be >= 1, got {self.size}")
-        if self.kind == "eval" and self.short_side < self.size:
-            raise ValueError(f"eval crops need short_side >= size, got {self.short_side} < {self.size}")
         if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ValueError(f"rrc_scale must satisfy 0 < lo <= hi <= 1, got {self.rrc_scale}")
         if not 0 <= self.erase_prob <= 1:
@@ -467,23 +461,25 @@ class Compose:
         return clip
 
 
-def build_transform(cfg: AugmentConfig) -> Transform:
+def build_transform(cfg: AugmentConfig, size: int) -> Transform:
     """The training pipeline ``(clip, rng) -> clip`` for ``cfg``: uint8 (T, C, H, W) -> (T, C, size, size).
+
+    ``size`` is the model's input side (``ViTConfig.img_size``), the one owner of the clip geometry.
 
     Steps draw from the rng in a fixed order, so a seed determines the whole augmentation.
     """
     partial = functools.partial
     steps = []
     if cfg.kind == "multi_scale":
-        steps.append(partial(multi_scale_crop, size=cfg.size))
+        steps.append(partial(multi_scale_crop, size=size))
     elif cfg.kind == "random_resized":
-        steps.append(partial(random_resized_crop, size=cfg.size, scale=cfg.rrc_scale))
+        steps.append(partial(random_resized_crop, size=size, scale=cfg.rrc_scale))
     elif cfg.kind == "finetune":
         if cfg.rand_augment:
             # Before the crop, on the full frames, as VideoMAE does; translations scale with the crop size.
-            translate = int(0.45 * cfg.size)
+            translate = int(0.45 * size)
             steps.append(partial(rand_augment, config_str=cfg.rand_augment, translate_const=translate))
-        steps.append(partial(random_resized_crop, size=cfg.size, scale=cfg.rrc_scale))
+        steps.append(partial(random_resized_crop, size=size, scale=cfg.rrc_scale))
     else:
         raise ValueError("kind='eval' has no random transform: use build_eval_views")
     if cfg.flip:
@@ -504,7 +500,9 @@ def eval_views(clip: Clip, short_side: int, size: int, num_spatial_views: int) -
     return [center_crop(resized, size)]
 
 
-def build_eval_views(cfg: AugmentConfig) -> Callable[[Clip], list[Clip]]:
+def build_eval_views(cfg: AugmentConfig, size: int) -> Callable[[Clip], list[Clip]]:
     """The test pipeline ``clip -> views`` for ``cfg`` (see :func:`eval_views`); picklable."""
-    return functools.partial(eval_views, short_side=cfg.short_side, size=cfg.size,
+    if cfg.short_side < size:
+        raise ValueError(f"eval crops need short_side >= size, got {cfg.short_side} < {size}")
+    return functools.partial(eval_views, short_side=cfg.short_side, size=size,
                              num_spatial_views=cfg.num_spatial_views)

@@ -67,10 +67,10 @@ def crop_transforms():
         "random_resized": lambda clip, rng: random_resized_crop(clip, 24, rng),
         "random_resized_finetune": lambda clip, rng: random_resized_crop(clip, 24, rng, scale=(0.08, 1.0)),
         "flip": lambda clip, rng: horizontal_flip(clip, rng),
-        "pipeline_multi_scale": build_transform(AugmentConfig(kind="multi_scale", size=24)),
-        "pipeline_random_resized": build_transform(AugmentConfig(kind="random_resized", size=24)),
+        "pipeline_multi_scale": build_transform(AugmentConfig(kind="multi_scale"), 24),
+        "pipeline_random_resized": build_transform(AugmentConfig(kind="random_resized"), 24),
         "pipeline_finetune_no_aug": build_transform(
-            AugmentConfig(kind="finetune", size=24, rrc_scale=(0.08, 1.0))),
+            AugmentConfig(kind="finetune", rrc_scale=(0.08, 1.0)), 24),
     }
 
 
@@ -80,8 +80,8 @@ def all_training_transforms():
         "rand_augment": lambda clip, rng: rand_augment(clip, rng),
         "random_erasing": lambda clip, rng: random_erasing(clip, rng, p=1.0),
         "pipeline_finetune": build_transform(AugmentConfig(
-            kind="finetune", size=24, rrc_scale=(0.08, 1.0), rand_augment="rand-m7-n4-mstd0.5-inc1",
-            erase_prob=1.0)),
+            kind="finetune", rrc_scale=(0.08, 1.0), rand_augment="rand-m7-n4-mstd0.5-inc1",
+            erase_prob=1.0), 24),
     }
 
 
@@ -384,38 +384,42 @@ def test_eval_crop_must_fit():
 
 @pytest.mark.parametrize("views", [1, 3])
 def test_eval_views(views):
-    cfg = AugmentConfig(kind="eval", size=24, short_side=28, num_spatial_views=views)
-    out = build_eval_views(cfg)(noise_clip())
+    cfg = AugmentConfig(kind="eval", short_side=28, num_spatial_views=views)
+    out = build_eval_views(cfg, 24)(noise_clip())
     assert len(out) == views
     for view in out:
         assert tuple(view.shape) == (FRAMES, 3, 24, 24) and view.dtype == torch.uint8
 
 
 def test_pipeline_draws_in_a_fixed_order():
-    cfg = AugmentConfig(kind="random_resized", size=24)
+    cfg = AugmentConfig(kind="random_resized")
     rng = random.Random(5)
     expected = horizontal_flip(random_resized_crop(noise_clip(), 24, rng, cfg.rrc_scale), rng)
-    assert torch.equal(build_transform(cfg)(noise_clip(), random.Random(5)), expected)
+    assert torch.equal(build_transform(cfg, 24)(noise_clip(), random.Random(5)), expected)
 
 
 def test_pipelines_pickle_for_dataloader_workers():
-    cfg = AugmentConfig(kind="finetune", size=24, rand_augment="rand-m7-n4-mstd0.5-inc1", erase_prob=0.5)
-    transform = pickle.loads(pickle.dumps(build_transform(cfg)))
-    expected = build_transform(cfg)(noise_clip(), random.Random(2))
+    cfg = AugmentConfig(kind="finetune", rand_augment="rand-m7-n4-mstd0.5-inc1", erase_prob=0.5)
+    transform = pickle.loads(pickle.dumps(build_transform(cfg, 24)))
+    expected = build_transform(cfg, 24)(noise_clip(), random.Random(2))
     assert torch.equal(transform(noise_clip(), random.Random(2)), expected)
-    views = pickle.loads(pickle.dumps(build_eval_views(AugmentConfig(kind="eval", size=24, short_side=28))))
+    views = pickle.loads(pickle.dumps(build_eval_views(AugmentConfig(kind="eval", short_side=28), 24)))
     assert tuple(views(noise_clip())[0].shape) == (FRAMES, 3, 24, 24)
 
 
 def test_eval_kind_has_no_training_transform():
     with pytest.raises(ValueError):
-        build_transform(AugmentConfig(kind="eval"))
+        build_transform(AugmentConfig(kind="eval"), 224)
+
+
+def test_eval_views_need_a_short_side_at_least_the_crop():
+    with pytest.raises(ValueError, match="short_side >= size"):
+        build_eval_views(AugmentConfig(kind="eval", short_side=200), 224)
 
 
 @pytest.mark.parametrize("kwargs", [
     dict(kind="multi_scale", rand_augment="rand-m7-n4"),
     dict(kind="random_resized", erase_prob=0.25),
-    dict(kind="eval", size=224, short_side=200),
     dict(kind="eval", num_spatial_views=2),
     dict(kind="finetune", erase_prob=1.5),
     dict(kind="finetune", rrc_scale=(0.0, 1.0)),
