@@ -1,0 +1,199 @@
+"""Datasets of uint8 clips: annotation records → decoded frames → sampled clips → augmented views.
+
+Every item is a dict ``{"video": uint8 (V, C, T, H, W), "label": int, "index": int, "view": int}`` where V is
+the number of clips cut from one decode (repeated sampling in training, spatial crops in testing), or a
+``Failure`` when the video could not be read. ``collate_clips`` flattens V into the batch and passes the
+failures on, so the training loop can count them and the evaluator can list the videos it could not score:
+an unreadable video is never replaced by another one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from datasets.annotations import AnnotationFormat, VideoRecord, read_annotations
+from datasets.decode import VideoReadError, open_video
+from datasets.sampling import (
+    clip_span,
+    dense_indices,
+    multiview_segment_indices,
+    multiview_temporal_indices,
+    repeated_dense_indices,
+    segment_indices,
+    union_indices,
+)
+from datasets.transforms import AugmentConfig, build_eval_views, build_transform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    train_list: str = ""  # training annotation list, or a folder of videos for unlabeled pre-training
+    val_list: str = ""  # validation/test annotation list
+    root: Optional[str] = None  # folder that relative paths in the lists are joined to
+    format: AnnotationFormat = "video"  # list format: video | video_v2 | frames_start_total | frames_total_label
+    num_classes: Optional[int] = None  # when set, labels are checked against it at load time
+    backend: Literal["decord", "pyav", "frames"] = "decord"  # video decoder, or JPEG frame folders
+    frame_template: str = "img_{:05d}.jpg"  # frame folders: file name of frame i
+    first_frame_index: int = 1  # frame folders: number of the first file (1 for SSv2 lists, 0 for V2 lists)
+    sampling: Literal["dense", "segments"] = "dense"  # frames at a fixed stride, or one per segment (TSN, SSv2)
+    sampling_rate: int = 4  # dense sampling: stride between sampled frames
+    short_video: Literal["loop", "repeat_last", "skip"] = "loop"  # a video shorter than a clip's span
+    test_temporal_views: int = 1  # testing: clips along time per video (K in K×3 views)
+    train_augment: AugmentConfig = field(default_factory=AugmentConfig)  # training clips
+    eval_augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(kind="eval"))  # test views
+    mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel mean for normalization (applied on the device)
+    std: tuple[float, ...] = IMAGENET_STD  # per-channel std for normalization (applied on the device)
+
+    def __post_init__(self):
+        if self.sampling_rate < 1 or self.test_temporal_views < 1:
+            raise ValueError("sampling_rate and test_temporal_views must be >= 1")
+        if self.train_augment.kind == "eval":
+            raise ValueError("train_augment.kind must be a training pipeline, not 'eval'")
+        if self.eval_augment.kind != "eval":
+            raise ValueError("eval_augment.kind must be 'eval'")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A video that could not be turned into clips, and why."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class _ClipSource(Dataset):
+    """Reads the frames one item needs, once, whatever the number of clips cut from them."""
+
+    def __init__(self, records: list[VideoRecord], cfg: DataConfig, clip_len: int):
+        self.records = records
+        self.cfg = cfg
+        self.clip_len = clip_len
+
+    def _decode_clips(self, record: VideoRecord, choose) -> list[torch.Tensor]:
+        """``choose(num_frames) -> list of index lists``; returns uint8 clips (T, C, H, W), one per list."""
+        cfg = self.cfg
+        with open_video(record, cfg.backend, frame_template=cfg.frame_template,
+                        first_frame_index=cfg.first_frame_index) as video:
+            self._check_length(video.num_frames, record.path)
+            clips = choose(video.num_frames)
+            frames, positions = union_indices(clips)
+            decoded = torch.from_numpy(video.get_frames(frames)).permute(0, 3, 1, 2)  # (U, C, H, W)
+        return [decoded[pos] for pos in positions]
+
+    def _check_length(self, num_frames: int, path: str) -> None:
+        if self.cfg.short_video == "skip" and self.cfg.sampling == "dense":
+            span = clip_span(self.clip_len, self.cfg.sampling_rate)
+            if num_frames < span:
+                raise VideoReadError(path, f"{num_frames} frames, shorter than the clip span of {span}")
+
+    def _failure(self, index: int, error: VideoReadError) -> Failure:
+        return Failure(index, self.records[index].path, error.reason)
+
+
+class TrainClips(_ClipSource):
+    """Training clips: ``repeats`` random clips per decoded video (MAE-ST repeated sampling).
+
+    Augmentations draw from a generator seeded by (seed, epoch, index), so an epoch's clips are the same
+    whichever worker builds them and after a resume.
+    """
+
+    def __init__(self, records, cfg: DataConfig, clip_len: int, size: int, repeats: int = 1, seed: int = 0):
+        super().__init__(records, cfg, clip_len)
+        self.repeats = repeats
+        self.seed = seed
+        self.epoch = 0
+        self.transform = build_transform(cfg.train_augment, size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _choose(self, num_frames: int, rng: random.Random) -> list[list[int]]:
+        cfg = self.cfg
+        if cfg.sampling == "segments":
+            return [segment_indices(num_frames, self.clip_len, rng) for _ in range(self.repeats)]
+        short = "loop" if cfg.short_video == "skip" else cfg.short_video
+        return repeated_dense_indices(num_frames, self.clip_len, cfg.sampling_rate, self.repeats, rng, short)
+
+    def __getitem__(self, index: int):
+        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        record = self.records[index]
+        try:
+            clips = self._decode_clips(record, lambda n: self._choose(n, rng))
+        except VideoReadError as error:
+            return self._failure(index, error)
+        views = torch.stack([self.transform(clip, rng) for clip in clips])  # (V, T, C, H, W)
+        return {"video": views.transpose(1, 2).contiguous(), "label": record.label, "index": index, "view": 0}
+
+
+class EvalClips(_ClipSource):
+    """Deterministic test views: item ``i`` is temporal view ``i % K`` of video ``i // K``, decoding only its
+    own frames, cut into 1 or 3 spatial crops. ``K = test_temporal_views`` (1 for validation)."""
+
+    def __init__(self, records, cfg: DataConfig, clip_len: int, size: int, temporal_views: Optional[int] = None):
+        super().__init__(records, cfg, clip_len)
+        self.temporal_views = temporal_views or cfg.test_temporal_views
+        self.views = build_eval_views(cfg.eval_augment, size)
+
+    def __len__(self) -> int:
+        return len(self.records) * self.temporal_views
+
+    def _choose(self, num_frames: int, view: int) -> list[list[int]]:
+        cfg, k = self.cfg, self.temporal_views
+        if cfg.sampling == "segments":
+            return [multiview_segment_indices(num_frames, self.clip_len, k)[view]]
+        short = "loop" if cfg.short_video == "skip" else cfg.short_video
+        return [multiview_temporal_indices(num_frames, self.clip_len, cfg.sampling_rate, k, short)[view]]
+
+    def __getitem__(self, item: int):
+        index, view = divmod(item, self.temporal_views)
+        record = self.records[index]
+        try:
+            (clip,) = self._decode_clips(record, lambda n: self._choose(n, view))
+        except VideoReadError as error:
+            return self._failure(index, error)
+        crops = torch.stack(self.views(clip))  # (S, T, C, H, W)
+        return {"video": crops.transpose(1, 2).contiguous(), "label": record.label, "index": index, "view": view}
+
+
+def collate_clips(items: list) -> dict:
+    """Stack items into a batch: video uint8 (ΣV, C, T, H, W); label, index, view (ΣV,); failures list.
+
+    With every item failed, ``video`` is None: the caller decides (the training loop must still take part
+    in collectives, the evaluator only records the failures).
+    """
+    good = [item for item in items if not isinstance(item, Failure)]
+    failures = [item for item in items if isinstance(item, Failure)]
+    if not good:
+        return {"video": None, "label": None, "index": None, "view": None, "failures": failures}
+    counts = torch.tensor([item["video"].shape[0] for item in good])
+
+    def per_clip(key):
+        return torch.tensor([item[key] for item in good]).repeat_interleave(counts)
+
+    return {
+        "video": torch.cat([item["video"] for item in good]),
+        "label": per_clip("label"),
+        "index": per_clip("index"),
+        "view": per_clip("view"),
+        "failures": failures,
+    }
+
+
+def load_records(cfg: DataConfig, split: Literal["train", "val"]) -> list[VideoRecord]:
+    """The records of a split; a folder given as ``train_list`` is scanned for videos (unlabeled)."""
+    path = cfg.train_list if split == "train" else cfg.val_list
+    if not path:
+        raise ValueError(f"data.{split}_list is not set")
+    return read_annotations(path, format=cfg.format, data_root=cfg.root, num_classes=cfg.num_classes)
