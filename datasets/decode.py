@@ -237,7 +237,7 @@ class PyAVSource(VideoSource):
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
         wanted, last, found = set(indices), indices[-1], {}
         try:
-            for index, frame in self._decoded_from(indices[0]):
+            for index, frame in self._decoded_from(indices[0], wanted):
                 if index in wanted:  # convert only the frames kept
                     found[index] = self._reformatter.reformat(frame, format="rgb24").to_ndarray()
                 if index >= last:
@@ -249,20 +249,33 @@ class PyAVSource(VideoSource):
             raise VideoReadError(self.path, f"frames {_span(missing)} were not produced by the decoder")
         return _stack([found[index] for index in indices], self.path)
 
-    def _decoded_from(self, first: int):
-        """(frame index, frame) from at or before frame ``first`` onwards, in presentation order."""
+    def _decoded_from(self, first: int, wanted: set[int]):
+        """(frame index, frame) from at or before frame ``first`` onwards, in presentation order.
+
+        Frames that are neither wanted nor referenced by other frames are not decoded at all: before each
+        packet the decoder is told whether it may drop the packet's frame if it is a non-reference one
+        (x264's default GOP makes about half of all frames such B-frames). Wanted and reference frames are
+        decoded exactly as in a full decode, so the pixels are identical.
+        """
         if self._index_of_pts is None:
             yield from enumerate(self._decode_from_start())
             return
         target = self._pts[first]
         position = bisect.bisect_right(self._keyframe_pts, target) - 1
         self._container.seek(self._keyframe_pts[max(position, 0)], stream=self._stream, backward=True)
-        for frame in self._container.decode(self._stream):
-            index = self._index_of_pts.get(frame.pts)
-            # Leading frames of an open GOP (timestamps before the keyframe) may be garbage; they are never
-            # wanted here, since every wanted frame's timestamp is at or after the keyframe's.
-            if index is not None:
-                yield index, frame
+        wanted_pts = {self._pts[index] for index in wanted}
+        codec = self._stream.codec_context
+        try:
+            for packet in self._container.demux(self._stream):
+                codec.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted_pts else "NONREF"
+                for frame in packet.decode():
+                    index = self._index_of_pts.get(frame.pts)
+                    # Leading frames of an open GOP (timestamps before the keyframe) may be garbage; they are
+                    # never wanted here, since every wanted frame's timestamp is at or after the keyframe's.
+                    if index is not None:
+                        yield index, frame
+        finally:
+            codec.skip_frame = "DEFAULT"
 
     def _decode_from_start(self):
         # Without timestamps a seek cannot be placed: reopen and decode from the first frame.

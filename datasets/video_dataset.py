@@ -87,7 +87,7 @@ class _ClipSource(Dataset):
             clips = choose(video.num_frames)
             frames, positions = union_indices(clips)
             decoded = torch.from_numpy(video.get_frames(frames)).permute(0, 3, 1, 2)  # (U, C, H, W)
-        return [decoded[pos] for pos in positions]
+        return [_take(decoded, pos) for pos in positions]
 
     def _check_length(self, num_frames: int, path: str) -> None:
         if self.cfg.short_video == "skip" and self.cfg.sampling == "dense":
@@ -165,6 +165,15 @@ class EvalClips(_ClipSource):
             return self._failure(index, error)
         crops = torch.stack(self.views(clip))  # (S, T, C, H, W)
         return {"video": crops.transpose(1, 2).contiguous(), "label": record.label, "index": index, "view": view}
+
+
+def _take(frames: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """``frames[positions]``, as a view when the positions are consecutive (a single clip's usual case):
+    gathering would copy every full-resolution frame before the crop throws most of it away."""
+    first = positions[0]
+    if positions == list(range(first, first + len(positions))):
+        return frames[first : first + len(positions)]
+    return frames[positions]
 
 
 def collate_clips(items: list) -> dict:
