@@ -27,6 +27,7 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 30, *, crf
                 stream = container.add_stream(codec, rate=round(fps))
                 stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
                 stream.options = {"crf": str(crf)}
+                stream.codec_context.thread_count = 1
                 if gop is not None:
                     stream.codec_context.gop_size = gop
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
