@@ -9,6 +9,7 @@ an unreadable video is never replaced by another one.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 
 from datasets.annotations import AnnotationFormat, VideoRecord, read_annotations
 from datasets.decode import VideoReadError, open_video
+from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from datasets.sampling import (
     clip_span,
     dense_indices,
@@ -38,6 +40,8 @@ class DataConfig:
     train_list: str = ""  # training annotation list, or a folder of videos for unlabeled pre-training
     val_list: str = ""  # validation/test annotation list
     root: Optional[str] = None  # folder that relative paths in the lists are joined to
+    synthetic: Optional[SyntheticSpec] = None  # the built-in dataset: generated into `root` when missing,
+    #                                            its train.csv/val.csv used when the lists are not set
     format: AnnotationFormat = "video"  # list format: video | video_v2 | frames_start_total | frames_total_label
     num_classes: Optional[int] = None  # when set, labels are checked against it at load time
     backend: Literal["decord", "pyav", "frames"] = "decord"  # video decoder, or JPEG frame folders
@@ -59,6 +63,8 @@ class DataConfig:
             raise ValueError("train_augment.kind must be a training pipeline, not 'eval'")
         if self.eval_augment.kind != "eval":
             raise ValueError("eval_augment.kind must be 'eval'")
+        if self.synthetic is not None and not self.root:
+            raise ValueError("the synthetic dataset needs `root`, the folder it is generated into")
 
 
 @dataclass(frozen=True)
@@ -201,8 +207,14 @@ def collate_clips(items: list) -> dict:
 
 
 def load_records(cfg: DataConfig, split: Literal["train", "val"]) -> list[VideoRecord]:
-    """The records of a split; a folder given as ``train_list`` is scanned for videos (unlabeled)."""
+    """The records of a split; a folder given as ``train_list`` is scanned for videos (unlabeled).
+
+    With ``cfg.synthetic`` the built-in dataset is generated into ``cfg.root`` first if it is not there yet.
+    """
     path = cfg.train_list if split == "train" else cfg.val_list
+    if cfg.synthetic is not None:
+        ensure_synthetic_dataset(cfg.root, cfg.synthetic)
+        path = path or os.path.join(cfg.root, f"{split}.csv")
     if not path:
         raise ValueError(f"data.{split}_list is not set")
     return read_annotations(path, format=cfg.format, data_root=cfg.root, num_classes=cfg.num_classes)

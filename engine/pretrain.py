@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from datasets.video_dataset import DataConfig, TrainClips, load_records
 from engine.config import BatchConfig, Derived, OptimConfig, RunConfig, derive
 from models.masking import MaskConfig, build_mask_generator
 from models.videomae import PretrainModelConfig, VideoMAE
@@ -16,6 +17,7 @@ from models.videomae import PretrainModelConfig, VideoMAE
 class PretrainConfig:
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)  # encoder, decoder, targets
     mask: MaskConfig = field(default_factory=MaskConfig)  # which tokens the encoder and decoder drop
+    data: DataConfig = field(default_factory=DataConfig)  # videos, clip sampling, augmentation
     batch: BatchConfig = field(default_factory=BatchConfig)  # videos per rank and step
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its schedule
     run: RunConfig = field(default_factory=RunConfig)  # output directory, seed, logging
@@ -28,4 +30,12 @@ def derive_pretrain(cfg: PretrainConfig, world_size: int, num_train_samples: int
 
 def build_model_and_masks(cfg: PretrainConfig):
     """The pre-training model and the mask generator for its token grid."""
-    return VideoMAE(cfg.model), build_mask_generator(cfg.mask, cfg.model.encoder.grid)
+    model = VideoMAE(cfg.model, pixel_mean=cfg.data.mean, pixel_std=cfg.data.std)
+    return model, build_mask_generator(cfg.mask, cfg.model.encoder.grid)
+
+
+def build_train_clips(cfg: PretrainConfig) -> TrainClips:
+    """uint8 training clips shaped for the encoder: its frame count and input size."""
+    encoder = cfg.model.encoder
+    return TrainClips(load_records(cfg.data, "train"), cfg.data, clip_len=encoder.num_frames,
+                      size=encoder.img_size, repeats=cfg.batch.repeats, seed=cfg.run.seed)
