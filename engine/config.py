@@ -199,6 +199,8 @@ class Derived:
     total_steps: Optional[int] = None
     # warmup_epochs x steps_per_epoch
     warmup_steps: Optional[int] = None
+    # epochs x repeats: passes over the data in clips, MAE-ST's "effective epochs" (100 x 4 = 400)
+    effective_epochs: Optional[int] = None
     # (T / tubelet, H / patch, W / patch); None when the geometry was not given
     token_grid: Optional[tuple[int, int, int]] = None
     # T' x H' x W' patch tokens per clip (before masking)
@@ -246,6 +248,9 @@ def derive(
         must end the epoch after ``steps_per_epoch x grad_accum`` micro-steps.
       * ``total_steps = epochs x steps_per_epoch``;
         ``warmup_steps = warmup_epochs x steps_per_epoch``.
+      * With repeated sampling an epoch is one pass over the *videos*, each cut
+        into ``repeats`` clips, so the model sees ``epochs x repeats`` clips
+        per video (``effective_epochs``, the number MAE-ST quotes).
 
     Token grid: passed through from the model config (``ViTConfig.grid``, the
     one place that knows the tubelet and patch sizes) so it is logged and saved
@@ -271,6 +276,7 @@ def derive(
         steps_per_epoch=steps[0],
         total_steps=steps[1],
         warmup_steps=steps[2],
+        effective_epochs=optim.epochs * batch.repeats,
         token_grid=grid,
         tokens_per_clip=math.prod(grid) if grid is not None else None,
     )

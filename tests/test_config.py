@@ -472,3 +472,11 @@ def test_config_from_cli_exits_with_the_message_not_a_traceback(capsys):
         config_from_cli(OptimConfig, ["--help"])
     assert exit_info.value.code == 0
     assert "blr, lr, min_lr" in capsys.readouterr().out
+
+
+def test_repeated_sampling_counts_effective_epochs():
+    d = derive(BatchConfig(micro_batch=2, repeats=4), OptimConfig(epochs=100, warmup_epochs=5), 8,
+               num_train_samples=1600)
+    assert d.effective_epochs == 400
+    assert d.steps_per_epoch == 100  # one step per 16 videos: repeats add clips, not steps
+    assert d.global_clips == 64
