@@ -157,7 +157,8 @@ class RunConfig:
             self.save_every_epochs >= 1,
             f"save_every_epochs must be >= 1, got {self.save_every_epochs}",
         )
-        _require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        # The newest checkpoint may be the one a dying job was writing: keep one more.
+        _require(self.keep_last >= 2, f"keep_last must be >= 2, got {self.keep_last}")
 
 
 def _require(condition: bool, message: str) -> None:
