@@ -92,6 +92,21 @@ def normalize_patches(patches: torch.Tensor, mode: str) -> torch.Tensor:
     return flat
 
 
+def _denormalize(pred: torch.Tensor, patches: torch.Tensor, mode: str) -> torch.Tensor:
+    """Map predicted targets (B, N, P·C) back to pixels (B, N, P, C) with the statistics of ``patches``."""
+    shaped = pred.reshape(patches.shape)
+    if mode == "per_channel":
+        mean = patches.mean(dim=-2, keepdim=True)
+        std = patches.var(dim=-2, unbiased=True, keepdim=True).sqrt()
+        return shaped * (std + 1e-6) + mean
+    if mode == "joint":
+        flat = patches.flatten(2)
+        mean = flat.mean(dim=-1, keepdim=True)[..., None]
+        std = (flat.var(dim=-1, unbiased=True, keepdim=True) + 1e-6).sqrt()[..., None]
+        return shaped * std + mean
+    return shaped
+
+
 class Decoder(nn.Module):
     """Transformer over visible + mask tokens that predicts the pixels of the last ``num_pred`` tokens."""
 
@@ -194,6 +209,27 @@ class VideoMAE(nn.Module):
             scored = mask[decoded].reshape(b, -1).float()
             loss = (error * scored).sum() / scored.sum().clamp(min=1)
         return loss, pred, mask
+
+    @torch.no_grad()
+    def reconstruct(self, video: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                    decoder_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pixels in [0, 1] (B, C, T, H, W): visible tubelets from the input, decoded ones from ``pred``
+        (normalized targets mapped back with each patch's own statistics), the rest grey."""
+        b, c = video.shape[:2]
+        grid = self.encoder.patch_embed.grid(video)
+        decoded = mask if decoder_mask is None else ~decoder_mask
+        raw = video.float() * self.pixel_std + self.pixel_mean
+        patches = patchify(raw, self.tubelet, self.patch)  # (B, N, P, C)
+        source = patches if self.pred_frames == self.tubelet else patchify(raw[:, :, :: self.tubelet], 1, self.patch)
+        predicted = _denormalize(pred.float(), source[decoded].reshape(b, -1, *source.shape[2:]),
+                                 self.cfg.target.normalize)  # (B, N_pred, P', C)
+        if self.pred_frames != self.tubelet:  # one time slice per tubelet: show it on every frame
+            predicted = predicted.reshape(b, -1, 1, self.patch**2, c).expand(-1, -1, self.tubelet, -1, -1)
+            predicted = predicted.reshape(b, -1, self.tubelet * self.patch**2, c)
+        out = torch.full_like(patches, 0.5)
+        out[~mask] = patches[~mask]
+        out[decoded] = predicted.reshape(-1, *patches.shape[2:])
+        return unpatchify(out.flatten(2), grid, self.tubelet, self.patch).clamp(0, 1)
 
     def forward_flops(self, grid, num_visible: int, num_decoded: Optional[int] = None) -> int:
         """Forward FLOPs of one clip: encoder on ``num_visible`` tokens, decoder over visible + decoded."""

@@ -331,3 +331,19 @@ def test_head_init_scale_shrinks_the_fresh_head():
     model = build_classifier(ClassifierConfig(debug_vit(), num_classes=10, head_init_scale=0.001))
     assert 0.7 * 2e-5 < model.head.weight.std() < 1.3 * 2e-5
     assert 0.7 * 0.02 < model.blocks[0].mlp.fc1.weight.std() < 1.3 * 0.02
+
+
+@pytest.mark.parametrize("target", [dict(), dict(normalize="joint"), dict(normalize="none"),
+                                    dict(frames="first", normalize="none")])
+def test_reconstruct_inverts_perfect_predictions(target):
+    """Feeding the exact targets back as predictions must give the input pixels (per-patch stats inverted)."""
+    model = make_pretrain(**target).eval()
+    video, mask = torch.rand(2, 3, 8, 32, 32) * 2 - 1, fixed_count_mask(2, 64, 48)
+    perfect = model.targets(video)[mask].reshape(2, 48, -1)
+    picture = model.reconstruct(video, perfect, mask)
+    raw = (video * model.pixel_std + model.pixel_mean).clamp(0, 1)
+    if target.get("frames") == "first":
+        raw_first = raw[:, :, ::2].repeat_interleave(2, dim=2)
+        hidden = unpatchify(mask[..., None].float().expand(-1, -1, 2 * 8 * 8 * 3), (4, 4, 4), 2, 8).bool()
+        raw = torch.where(hidden, raw_first, raw)
+    torch.testing.assert_close(picture, raw, atol=1e-4, rtol=0)
