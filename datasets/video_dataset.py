@@ -173,6 +173,15 @@ class EvalClips(_ClipSource):
         return {"video": crops.transpose(1, 2).contiguous(), "label": record.label, "index": index, "view": view}
 
 
+def normalize(video: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 clips (B, C, T, H, W) → ``dtype`` scaled to [0, 1] and normalized per channel; run on the device,
+    so workers ship 4× fewer bytes than float32 would take."""
+    shape = (1, -1, 1, 1, 1)
+    mean = torch.as_tensor(mean, device=video.device).view(shape)
+    std = torch.as_tensor(std, device=video.device).view(shape)
+    return ((video.float() / 255 - mean) / std).to(dtype)
+
+
 def _take(frames: torch.Tensor, positions: list[int]) -> torch.Tensor:
     """``frames[positions]``, as a view when the positions are consecutive (a single clip's usual case):
     gathering would copy every full-resolution frame before the crop throws most of it away."""

@@ -70,13 +70,28 @@ def _write_marker(directory: Path, step: int) -> None:
     os.replace(tmp, directory / MARKER)
 
 
-def save_checkpoint(engine, output_dir, step: int, client_state: dict[str, Any], keep_last: int = 2) -> Path:
-    """Every rank writes its part; the marker goes in only once all have finished; then old ones are pruned."""
+def _rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def _rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank_{rank:05d}_state.pt"
+
+
+def save_checkpoint(engine, output_dir, step: int, client_state: dict[str, Any], keep_last: int = 2,
+                    rank_state: Optional[dict[str, Any]] = None) -> Path:
+    """Every rank writes its part; the marker goes in only once all have finished; then old ones are pruned.
+
+    ``client_state`` is the same on every rank (DeepSpeed keeps rank 0's); ``rank_state`` is this rank's own
+    (its RNG streams), written next to DeepSpeed's files.
+    """
     if keep_last < 2:
         raise ValueError(f"keep_last must be >= 2 (the newest may be incomplete when a job dies), got {keep_last}")
     root = checkpoint_root(output_dir)
     directory = root / step_tag(step)
     engine.save_checkpoint(str(root), tag=step_tag(step), client_state=client_state, save_latest=False)
+    if rank_state is not None:
+        torch.save(rank_state, _rank_file(directory, _rank()))
     _barrier()  # every rank's files are on disk
     if _is_main():
         _write_marker(directory, step)
@@ -100,16 +115,20 @@ def prune(output_dir, keep_last: int) -> list[Path]:
     return removed
 
 
-def load_latest(engine, output_dir) -> Optional[dict[str, Any]]:
-    """Load the newest complete checkpoint into ``engine``; returns its client state, or None if there is none."""
+def load_latest(engine, output_dir) -> Optional[tuple[dict[str, Any], Optional[dict[str, Any]]]]:
+    """Load the newest complete checkpoint into ``engine``; returns (client state, this rank's own state or
+    None), or None when there is no complete checkpoint."""
     step = latest_complete(output_dir)
     if step is None:
         return None
+    directory = checkpoint_root(output_dir) / step_tag(step)
     path, client_state = engine.load_checkpoint(str(checkpoint_root(output_dir)), tag=step_tag(step))
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the complete checkpoint {checkpoint_root(output_dir)}/"
-                           f"{step_tag(step)}")
-    return client_state
+        raise RuntimeError(f"DeepSpeed could not load the complete checkpoint {directory}")
+    rank_file = _rank_file(directory, _rank())
+    # Our own files hold RNG states (numpy/python objects): written by this code, read back unrestricted.
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    return client_state, rank_state
 
 
 def rng_states() -> dict[str, Any]:

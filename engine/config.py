@@ -147,6 +147,10 @@ class RunConfig:
     log_every: int = 20
     # save a checkpoint every this many epochs (and always after the last one)
     save_every_epochs: int = 20
+    # also save every this many optimizer steps, for mid-epoch resume; 0 = only at epoch ends
+    save_every_steps: int = 0
+    # write reconstruction pictures to vis/ every this many epochs (and after the last one); 0 = never
+    vis_every_epochs: int = 20
     # number of most recent periodic checkpoints to keep on disk
     keep_last: int = 2
 
@@ -157,6 +161,8 @@ class RunConfig:
             self.save_every_epochs >= 1,
             f"save_every_epochs must be >= 1, got {self.save_every_epochs}",
         )
+        _require(self.save_every_steps >= 0, f"save_every_steps must be >= 0, got {self.save_every_steps}")
+        _require(self.vis_every_epochs >= 0, f"vis_every_epochs must be >= 0, got {self.vis_every_epochs}")
         # The newest checkpoint may be the one a dying job was writing: keep one more.
         _require(self.keep_last >= 2, f"keep_last must be >= 2, got {self.keep_last}")
 

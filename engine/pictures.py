@@ -34,21 +34,27 @@ def reconstruction_picture(original: torch.Tensor, masked: torch.Tensor, reconst
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
+def reconstruction_from_prediction(model, video: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                                   decoder_mask=None) -> Image.Image:
+    """The picture of a VideoMAE forward that was already run: ``pred`` for the normalized ``video``."""
+    reconstructed = model.reconstruct(video, pred, mask, decoder_mask)
+    original = (video.float() * model.pixel_std + model.pixel_mean).clamp(0, 1)
+    masked = torch.where(model.pixel_mask(mask, video), torch.full_like(original, 0.5), original)
+    return reconstruction_picture(original, masked, reconstructed)
+
+
 def save_reconstructions(model, video: torch.Tensor, mask: torch.Tensor, path: str | os.PathLike,
                          decoder_mask=None) -> Path:
-    """Run ``model`` (a VideoMAE) on a normalized batch and save its reconstruction picture to ``path``."""
+    """Run ``model`` (a bare VideoMAE) on a normalized batch and save its reconstruction picture to ``path``."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
         _, pred, _ = model(video, mask, decoder_mask)
-        reconstructed = model.reconstruct(video, pred, mask, decoder_mask)
-        original = (video.float() * model.pixel_std + model.pixel_mean).clamp(0, 1)
-        hidden_only = model.reconstruct(video, torch.full_like(pred, float("nan")), mask, decoder_mask)
+        picture = reconstruction_from_prediction(model, video, pred, mask, decoder_mask)
     model.train(was_training)
-    masked = torch.where(torch.isnan(hidden_only), torch.full_like(original, 0.5), original)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    reconstruction_picture(original, masked, reconstructed).save(path)
+    picture.save(path)
     return path
 
 

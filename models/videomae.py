@@ -210,6 +210,12 @@ class VideoMAE(nn.Module):
             loss = (error * scored).sum() / scored.sum().clamp(min=1)
         return loss, pred, mask
 
+    def pixel_mask(self, mask: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        """The token mask (B, N) spread over the pixels of ``video``: bool (B, C, T, H, W)."""
+        grid = self.encoder.patch_embed.grid(video)
+        per_token = mask[..., None].expand(-1, -1, self.tubelet * self.patch**2 * video.shape[1])
+        return unpatchify(per_token.float(), grid, self.tubelet, self.patch).bool()
+
     @torch.no_grad()
     def reconstruct(self, video: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
                     decoder_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

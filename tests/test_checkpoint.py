@@ -44,8 +44,14 @@ def test_saved_checkpoints_are_complete_and_the_newest_resumes(tmp_path):
     for step in (10, 20):
         save_checkpoint(engine, tmp_path, step, {"step": step})
     assert complete_steps(tmp_path) == [10, 20]
-    assert load_latest(engine, tmp_path) == {"step": 20}
+    assert load_latest(engine, tmp_path) == ({"step": 20}, None)
     assert engine.loaded == ["step_20"]
+
+
+def test_each_rank_gets_its_own_state_back(tmp_path):
+    engine = FakeEngine()
+    save_checkpoint(engine, tmp_path, 5, {"step": 5}, rank_state={"rng": [1, 2, 3]})
+    assert load_latest(engine, tmp_path) == ({"step": 5}, {"rng": [1, 2, 3]})
 
 
 def test_a_partial_checkpoint_is_ignored(tmp_path):
@@ -55,7 +61,7 @@ def test_a_partial_checkpoint_is_ignored(tmp_path):
     partial.mkdir()
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     assert latest_complete(tmp_path) == 10
-    assert load_latest(engine, tmp_path) == {"step": 10}
+    assert load_latest(engine, tmp_path) == ({"step": 10}, None)
 
 
 def test_nothing_to_resume(tmp_path):
