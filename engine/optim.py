@@ -1,0 +1,273 @@
+"""AdamW parameter groups and the per-step lr / weight-decay schedules (VideoMAE / MAE-ST recipes).
+
+Three pieces, used in this order by a training loop:
+
+1. ``build_optimizer`` (or ``param_groups``) splits the trainable parameters into AdamW groups:
+   weight decay or not, and, for fine-tuning with layer-wise lr decay, one pair per layer id.
+   Each group carries two extra scalar keys next to torch's own: ``lr_scale`` (multiplies the
+   scheduled lr) and ``use_weight_decay`` (whether the wd schedule applies), plus a ``name`` for
+   logs. DeepSpeed keeps extra keys of a client optimizer's groups (it uses ``name`` itself) and
+   only swaps ``params`` for its flat partitions, so the same groups work under ZeRO.
+2. ``Schedules`` holds the lr and wd curves, indexed by *global optimizer step*, not epoch, so a
+   run resumed mid-epoch or with another dataset size lands on the right value.
+3. ``apply_schedules`` writes the values for one step into any ``param_groups`` list before
+   ``optimizer.step()``; it overwrites ``lr`` every time, so the lr set at construction is only
+   a placeholder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from engine.config import Derived, OptimConfig
+
+__all__ = [
+    "param_groups",
+    "describe_groups",
+    "cosine_schedule",
+    "Schedules",
+    "apply_schedules",
+    "build_optimizer",
+]
+
+
+# --------------------------------------------------------------------------
+# Parameter groups
+# --------------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[float] = None) -> list[dict]:
+    """AdamW groups of ``model``'s trainable parameters, in the order they first appear.
+
+    No weight decay for 1-D parameters (biases, norm weights, LayerScale gammas, q/v biases) and
+    for the names in ``model.no_weight_decay()`` (position tables, cls / mask tokens). Frozen
+    parameters are left out, so the optimizer neither stores state for them nor decays them.
+
+    ``layer_decay`` (fine-tuning, VideoMAE semantics): ``model.layer_id(name)`` assigns ids
+    0 .. depth + 1, and layer i's lr is scaled by ``layer_decay ** (depth + 1 - i)``, so the head
+    trains at the full lr and the patch embedding at the smallest. ``None`` gives every group
+    ``lr_scale`` 1.0 and needs no ``layer_id``.
+
+    Pass the bare model, not a DDP / DeepSpeed / ``torch.compile`` wrapper: their parameter names
+    carry a prefix that ``no_weight_decay()`` and ``layer_id()`` do not know.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    skip = _no_weight_decay_names(model)
+    scales = _layer_scales(model, layer_decay)
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = _uses_decay(name, param, skip)
+        layer = _layer_of(model, name, len(scales)) if scales is not None else None
+        key = _group_name(layer, decay)
+        if key not in groups:
+            groups[key] = {
+                "name": key,
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "use_weight_decay": decay,
+                "lr_scale": scales[layer] if layer is not None else 1.0,
+            }
+        groups[key]["params"].append(param)
+    # Only non-empty groups exist by construction: ZeRO cannot flatten an empty group.
+    return list(groups.values())
+
+
+def _no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The model's own no-decay names, checked against its parameters.
+
+    A name that matches no parameter means the names are out of step with the model (typically a
+    wrapped model whose names gained a prefix); ignoring it would silently decay position tables.
+    """
+    hook = getattr(model, "no_weight_decay", None)
+    names = set(hook()) if callable(hook) else set()
+    unknown = names - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(
+            f"no_weight_decay() of {type(model).__name__} names {sorted(unknown)}, which are not among its "
+            "parameters; build the optimizer groups from the bare model, before DDP / DeepSpeed / torch.compile"
+        )
+    return names
+
+
+def _uses_decay(name: str, param: torch.Tensor, skip: set[str]) -> bool:
+    # Decaying a bias, norm scale or gain pulls it towards 0 instead of regularising a weight matrix.
+    return param.ndim > 1 and name not in skip
+
+
+def _layer_scales(model: nn.Module, layer_decay: Optional[float]) -> Optional[list[float]]:
+    """lr scale of each layer id, or None without layer decay."""
+    if layer_decay is None:
+        return None
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    if not callable(getattr(model, "layer_id", None)) or not isinstance(getattr(model, "depth", None), int):
+        raise ValueError(
+            f"layer_decay={layer_decay} needs a model with layer_id(name) and depth (a VisionTransformer); "
+            f"{type(model).__name__} has none. Layer decay is a fine-tuning setting: leave it unset for "
+            "pre-training"
+        )
+    # Embeddings, each block, then norm + head: depth + 2 ids, the last one at the full lr.
+    num_layers = model.depth + 2
+    return [layer_decay ** (num_layers - 1 - i) for i in range(num_layers)]
+
+
+def _layer_of(model: nn.Module, name: str, num_layers: int) -> int:
+    layer = model.layer_id(name)
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer_id({name!r}) = {layer} is outside 0..{num_layers - 1} (depth + 2 layer ids)")
+    return layer
+
+
+def _group_name(layer: Optional[int], decay: bool) -> str:
+    suffix = "decay" if decay else "no_decay"
+    return suffix if layer is None else f"layer_{layer}_{suffix}"
+
+
+def describe_groups(groups: Iterable[dict]) -> str:
+    """One line per group (name, tensors, elements, lr_scale, weight_decay) for the run log."""
+    lines = [f"{'group':<22} {'tensors':>7} {'elements':>12} {'lr_scale':>9} {'wd':>8}"]
+    total_tensors = total_elements = 0
+    for i, group in enumerate(groups):
+        params = group["params"]
+        elements = sum(p.numel() for p in params)
+        total_tensors += len(params)
+        total_elements += elements
+        lines.append(
+            f"{group.get('name', f'group_{i}'):<22} {len(params):>7} {elements:>12,} "
+            f"{group.get('lr_scale', 1.0):>9.4g} {group.get('weight_decay', 0.0):>8.4g}"
+        )
+    lines.append(f"{'total':<22} {total_tensors:>7} {total_elements:>12,}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------
+
+
+def cosine_schedule(
+    step: int, total_steps: int, warmup_steps: int, base: float, final: float, warmup_start: float
+) -> float:
+    """Value at optimizer step ``step``: linear warmup, then half-cycle cosine, then constant.
+
+    ``warmup_start`` at step 0, rising linearly to ``base`` at ``warmup_steps``; from there a
+    half cosine down to ``final`` at ``total_steps``, and ``final`` after it (a resumed or
+    over-long run must not wrap around the cosine).
+    """
+    _check_lengths(total_steps, warmup_steps)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * step / warmup_steps
+    # warmup_steps == total_steps (warmup_epochs == epochs) leaves no cosine phase: final at the end.
+    cosine_steps = total_steps - warmup_steps
+    progress = min(1.0, (step - warmup_steps) / cosine_steps) if cosine_steps > 0 else 1.0
+    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+
+
+def _check_lengths(total_steps: int, warmup_steps: int) -> None:
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """The lr and weight-decay curves of one run, as functions of the global optimizer step."""
+
+    total_steps: int
+    warmup_steps: int
+    # peak lr (Derived.lr), reached at the end of warmup
+    lr: float
+    # lr at total_steps
+    min_lr: float
+    # lr at step 0
+    warmup_lr: float
+    # wd at step 0 (and throughout when weight_decay_end is None)
+    weight_decay: float
+    # wd at total_steps of a cosine wd schedule (VideoMAE); None keeps wd constant
+    weight_decay_end: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check_lengths(self.total_steps, self.warmup_steps)
+
+    @classmethod
+    def from_config(cls, optim: OptimConfig, derived: Derived) -> Schedules:
+        """The run's schedules: peak lr and step counts from ``derive()``, the rest from the config."""
+        if derived.total_steps is None or derived.warmup_steps is None:
+            raise ValueError("the schedules need step counts: call derive() with num_train_samples")
+        return cls(
+            total_steps=derived.total_steps,
+            warmup_steps=derived.warmup_steps,
+            lr=derived.lr,
+            min_lr=derived.min_lr,
+            warmup_lr=derived.warmup_lr,
+            weight_decay=optim.weight_decay,
+            weight_decay_end=optim.weight_decay_end,
+        )
+
+    def lr_at(self, step: int) -> float:
+        return cosine_schedule(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
+
+    def wd_at(self, step: int) -> float:
+        if self.weight_decay_end is None:
+            return self.weight_decay
+        # VideoMAE's wd schedule has no warmup: cosine over the whole run.
+        return cosine_schedule(
+            step, self.total_steps, 0, self.weight_decay, self.weight_decay_end, self.weight_decay
+        )
+
+
+def apply_schedules(optimizer: Any, step: int, schedules: Schedules) -> tuple[float, float]:
+    """Set every group's lr and weight decay for optimizer step ``step``; returns (lr, wd) to log.
+
+    ``optimizer`` is anything with ``param_groups`` (a torch optimizer, DeepSpeed's
+    ``engine.optimizer``) or the list of group dicts itself. Each group gets
+    ``lr(step) * lr_scale``; the weight decay is written only into groups that decay, so
+    no-decay groups stay at 0 whatever the wd schedule does.
+    """
+    lr, wd = schedules.lr_at(step), schedules.wd_at(step)
+    groups = optimizer.param_groups if hasattr(optimizer, "param_groups") else optimizer
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+        if _group_decays(group):
+            group["weight_decay"] = wd
+    return lr, wd
+
+
+def _group_decays(group: dict) -> bool:
+    # Groups built here say so explicitly: a current wd of 0 cannot tell a no-decay group from a
+    # decay group whose cosine wd schedule has reached weight_decay_end = 0. Groups built
+    # elsewhere fall back to VideoMAE's rule (base weight decay > 0).
+    if "use_weight_decay" in group:
+        return bool(group["use_weight_decay"])
+    return group.get("weight_decay", 0.0) > 0
+
+
+# --------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, layer_decay: Optional[float] = None) -> torch.optim.AdamW:
+    """AdamW over ``param_groups(model, cfg.weight_decay, layer_decay)`` with the config's betas and eps.
+
+    The lr stored now (``warmup_lr x lr_scale``) is a placeholder: call ``apply_schedules`` before
+    every ``step()``. torch's default kernels are kept (foreach on CUDA, the plain loop on CPU).
+    """
+    groups = param_groups(model, cfg.weight_decay, layer_decay)
+    for group in groups:
+        group["lr"] = cfg.warmup_lr * group["lr_scale"]
+    return torch.optim.AdamW(
+        groups, lr=cfg.warmup_lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
