@@ -1,16 +1,27 @@
-"""Masked video pre-training: the task's configuration and the pieces it builds from it.
+"""Masked video pre-training: the task's configuration and what one training step of it costs.
 
-The training loop itself is shared by every task; this module only says what pre-training is made of.
+The training loop itself (``engine.loop``) is shared by every task; this module only says what pre-training
+is made of: the VideoMAE model, its masks, the training clips, its pictures and its exported weights.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from datasets.video_dataset import DataConfig, TrainClips, load_records
+import torch
+
+from datasets.video_dataset import DataConfig, TrainClips, collate_clips, load_records, normalize
+from engine import checkpoint, ds
 from engine.config import BatchConfig, Derived, OptimConfig, RunConfig, derive
+from engine.dist import barrier, is_main_process
+from engine.metrics import read_metrics
+from engine.pictures import reconstruction_from_prediction, save_loss_curve
 from models.masking import MaskConfig, build_mask_generator
 from models.videomae import PretrainModelConfig, VideoMAE
+
+log = logging.getLogger("pretrain")
 
 
 @dataclass
@@ -20,7 +31,8 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)  # videos, clip sampling, augmentation
     batch: BatchConfig = field(default_factory=BatchConfig)  # videos per rank and step
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its schedule
-    run: RunConfig = field(default_factory=RunConfig)  # output directory, seed, logging
+    ds: ds.DeepSpeedConfig = field(default_factory=ds.DeepSpeedConfig)  # ZeRO stage and precision
+    run: RunConfig = field(default_factory=RunConfig)  # output directory, seed, logging, checkpoints
 
 
 def derive_pretrain(cfg: PretrainConfig, world_size: int, num_train_samples: int | None = None) -> Derived:
@@ -35,7 +47,79 @@ def build_model_and_masks(cfg: PretrainConfig):
 
 
 def build_train_clips(cfg: PretrainConfig) -> TrainClips:
-    """uint8 training clips shaped for the encoder: its frame count and input size."""
+    """uint8 training clips shaped for the encoder: its frame count and input size.
+
+    Rank 0 reads (and for the built-in dataset, generates) the data first; the others wait, then read.
+    """
+    if not is_main_process():
+        barrier()
+    records = load_records(cfg.data, "train")
+    if is_main_process():
+        barrier()
     encoder = cfg.model.encoder
-    return TrainClips(load_records(cfg.data, "train"), cfg.data, clip_len=encoder.num_frames,
-                      size=encoder.img_size, repeats=cfg.batch.repeats, seed=cfg.run.seed)
+    return TrainClips(records, cfg.data, clip_len=encoder.num_frames, size=encoder.img_size,
+                      repeats=cfg.batch.repeats, seed=cfg.run.seed)
+
+
+class PretrainTask:
+    """VideoMAE / MAE-ST pre-training for ``engine.loop.train``."""
+
+    layer_decay = None
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
+        self.model, self.masks = build_model_and_masks(cfg)
+        self.train_set = build_train_clips(cfg)
+
+    def _inputs(self, engine, video_uint8: torch.Tensor, generator: torch.Generator):
+        video = normalize(video_uint8, self.cfg.data.mean, self.cfg.data.std, ds.input_dtype(engine))
+        mask, decoder_mask = self.masks(video.shape[0], device=video.device, generator=generator)
+        return video, mask, decoder_mask
+
+    def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        loss, _, _ = engine(*self._inputs(engine, batch["video"], generator))
+        return loss
+
+    def train_flops_per_clip(self) -> float:
+        masks = self.masks
+        decoded = masks.num_decoder_kept if self.cfg.mask.decoder_kind != "none" else None
+        return 3 * self.model.forward_flops(self.cfg.model.encoder.grid, masks.num_visible, decoded)
+
+    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> None:
+        every = self.cfg.run.vis_every_epochs
+        if every and epoch % every == 0:
+            self.save_pictures(engine, Path(output_dir) / "vis" / f"epoch_{epoch:04d}.png")
+
+    def save_pictures(self, engine, path: Path) -> None:
+        """Reconstructions of the first training videos under fixed masks. Every rank runs the forward (ZeRO-3
+        gathers parameters collectively); rank 0 draws."""
+        items = [self.train_set[i] for i in range(min(4, len(self.train_set)))]
+        batch = collate_clips(items)
+        if batch["video"] is None:
+            return
+        fixed = torch.Generator(device=engine.device).manual_seed(0)
+        video, mask, decoder_mask = self._inputs(engine, batch["video"].to(engine.device), fixed)
+        engine.eval()
+        with torch.no_grad():
+            _, pred, _ = engine(video, mask, decoder_mask)
+        engine.train()
+        if is_main_process():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            reconstruction_from_prediction(engine.module, video, pred, mask, decoder_mask).save(path)
+            log.info("wrote %s", path)
+
+    def finish(self, engine, output_dir: str) -> None:
+        """Pictures of the final model, the loss curve, and the weights exported for fine-tuning."""
+        out = Path(output_dir)
+        self.save_pictures(engine, out / "vis" / "final.png")
+        step = checkpoint.latest_complete(out)
+        weights = ds.consolidated_fp32_state_dict(engine, str(checkpoint.checkpoint_root(out)),
+                                                  checkpoint.step_tag(step))
+        if is_main_process():
+            checkpoint.export_weights(weights, out / "weights.pt")
+            records = [r for r in read_metrics(out) if "loss" in r]
+            if records:
+                save_loss_curve([r["step"] for r in records], [r["loss"] for r in records], out / "loss_curve.png")
+            log.info("exported %s (load with torch.load(weights_only=True))", out / "weights.pt")
+

@@ -1,0 +1,429 @@
+"""Process-group set-up: one code path for every way a training script is started.
+
+Launchers and what they tell a process (``detect_launch`` reads only the environment):
+
+* ``python script.py`` -- no launcher: rank 0 of 1. No variable is required; a 1-process group
+  (gloo on CPU, nccl on CUDA, on 127.0.0.1 and a free port unless MASTER_ADDR/MASTER_PORT are set)
+  is created only when asked for with ``init_distributed(require_group=True)``; ``engine.ds.initialize``
+  asks for one because DeepSpeed needs a process group even for a single rank.
+* ``torchrun`` -- RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (recognised by TORCHELASTIC_RUN_ID).
+* ``deepspeed`` launcher -- the same five variables (recognised by its CROSS_RANK/CROSS_SIZE/LOCAL_SIZE). It
+  also appends ``--local_rank=N`` to the script's arguments, which ``engine.config.parse_cli`` reads as a flag.
+* ``srun`` -- SLURM_PROCID (rank), SLURM_STEP_NUM_TASKS or SLURM_NTASKS (world size), SLURM_LOCALID (local
+  rank). The master address is MASTER_ADDR if set, else the first host of SLURM_STEP_NODELIST,
+  SLURM_JOB_NODELIST or SLURM_NODELIST (host-list syntax expanded by ``expand_hostlist``); the port is
+  MASTER_PORT if set, else ``slurm_port(SLURM_JOB_ID)`` so two jobs sharing a node do not collide.
+  Run one task per GPU (``srun --ntasks-per-node=<gpus>``). Start the script with ``srun``: a plain
+  ``python`` line in an sbatch script with ``--ntasks=N`` inherits SLURM_PROCID=0 and SLURM_NTASKS=N, looks
+  like rank 0 of N and would wait for the N-1 ranks that never start (init_distributed logs who it waits for).
+
+When RANK/WORLD_SIZE are set they win over the Slurm variables, so ``srun torchrun ...`` (one torchrun per
+node) works too. Backend: nccl when CUDA is available, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "detect_launch",
+    "expand_hostlist",
+    "slurm_port",
+    "backend_name",
+    "init_distributed",
+    "is_main_process",
+    "get_rank",
+    "get_world_size",
+    "barrier",
+    "cleanup",
+    "setup_logging",
+]
+
+logger = logging.getLogger(__name__)
+
+Launcher = Literal["none", "torchrun", "deepspeed", "srun", "env"]
+
+# Host used for a single-process group when MASTER_ADDR is not set.
+LOCALHOST = "127.0.0.1"
+# Ports derived from SLURM_JOB_ID lie in [SLURM_PORT_BASE, SLURM_PORT_BASE + SLURM_PORT_SPAN).
+SLURM_PORT_BASE = 10000
+SLURM_PORT_SPAN = 20000
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job, as the launcher described it."""
+
+    # global rank of this process, 0 .. world_size - 1
+    rank: int
+    # number of processes in the job
+    world_size: int
+    # rank within this node; selects the CUDA device
+    local_rank: int
+    # address of rank 0's rendezvous store
+    master_addr: str
+    # port of rank 0's rendezvous store; None for a single process until a group is created
+    master_port: Optional[int]
+    # what started the process: none (plain python), torchrun, deepspeed, srun or env (RANK etc. set by hand)
+    launcher: Launcher
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+# --------------------------------------------------------------------------
+# Reading the launch environment (pure)
+# --------------------------------------------------------------------------
+
+
+def detect_launch(env: Mapping[str, str] = os.environ) -> DistInfo:
+    """Rank, world size, local rank and rendezvous address from the launcher's environment variables.
+
+    Pure: reads ``env`` only (no socket, no subprocess). Raises ValueError when the variables are
+    inconsistent (RANK without WORLD_SIZE, rank outside the world, a non-integer value, ...).
+    """
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return _from_torch_env(env)
+    if "SLURM_PROCID" in env:
+        return _from_slurm_env(env)
+    port = _env_int(env, "MASTER_PORT", minimum=1) if env.get("MASTER_PORT") else None
+    return DistInfo(rank=0, world_size=1, local_rank=0, master_addr=env.get("MASTER_ADDR") or LOCALHOST,
+                    master_port=port, launcher="none")
+
+
+def _from_torch_env(env: Mapping[str, str]) -> DistInfo:
+    """torchrun, the deepspeed launcher, or RANK/WORLD_SIZE exported by hand."""
+    missing = [k for k in ("RANK", "WORLD_SIZE") if k not in env]
+    if missing:
+        present = "RANK" if "RANK" in env else "WORLD_SIZE"
+        raise ValueError(
+            f"{present} is set but {missing[0]} is not: start the script with torchrun or deepspeed, "
+            f"or export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT together"
+        )
+    if "TORCHELASTIC_RUN_ID" in env:
+        launcher: Launcher = "torchrun"
+    elif any(k in env for k in ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE")):
+        launcher = "deepspeed"
+    else:
+        launcher = "env"
+    world_size = _env_int(env, "WORLD_SIZE", minimum=1)
+    rank = _env_int(env, "RANK", minimum=0)
+    _check_rank(rank, world_size, "RANK", "WORLD_SIZE")
+    if "LOCAL_RANK" in env:
+        local_rank = _env_int(env, "LOCAL_RANK", minimum=0)
+    else:
+        local_rank = _default_local_rank(rank, world_size)
+    if world_size == 1:
+        addr = env.get("MASTER_ADDR") or LOCALHOST
+        port = _env_int(env, "MASTER_PORT", minimum=1) if env.get("MASTER_PORT") else None
+    else:
+        absent = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if absent:
+            raise ValueError(
+                f"WORLD_SIZE={world_size} but {' and '.join(absent)} not set: every rank needs the address "
+                f"and port of rank 0 (torchrun and deepspeed set them; export them when launching by hand)"
+            )
+        addr, port = env["MASTER_ADDR"], _env_int(env, "MASTER_PORT", minimum=1)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, master_addr=addr,
+                    master_port=port, launcher=launcher)
+
+
+def _default_local_rank(rank: int, world_size: int) -> int:
+    if world_size == 1:
+        return 0
+    raise ValueError(
+        f"RANK={rank} and WORLD_SIZE={world_size} are set but LOCAL_RANK is not: it picks the GPU; "
+        f"export it (torchrun and deepspeed set it)"
+    )
+
+
+def _from_slurm_env(env: Mapping[str, str]) -> DistInfo:
+    """A task started by srun (one task per GPU)."""
+    count_key = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+    if count_key not in env:
+        raise ValueError("SLURM_PROCID is set but neither SLURM_STEP_NUM_TASKS nor SLURM_NTASKS: "
+                         "start the script with srun")
+    world_size = _env_int(env, count_key, minimum=1)
+    rank = _env_int(env, "SLURM_PROCID", minimum=0)
+    _check_rank(rank, world_size, "SLURM_PROCID", count_key)
+    local_rank = _env_int(env, "SLURM_LOCALID", minimum=0) if "SLURM_LOCALID" in env else 0
+    if env.get("MASTER_ADDR"):
+        addr = env["MASTER_ADDR"]
+    else:
+        nodelist_key = next(
+            (k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)), None
+        )
+        if nodelist_key is None:
+            if world_size > 1:
+                raise ValueError(
+                    "srun task without SLURM_STEP_NODELIST, SLURM_JOB_NODELIST or SLURM_NODELIST: "
+                    "export MASTER_ADDR=<host of rank 0>"
+                )
+            addr = LOCALHOST
+        else:
+            try:
+                addr = expand_hostlist(env[nodelist_key])[0]
+            except ValueError as err:
+                raise ValueError(f"{nodelist_key}: {err}; export MASTER_ADDR to bypass it") from None
+    if env.get("MASTER_PORT"):
+        port: Optional[int] = _env_int(env, "MASTER_PORT", minimum=1)
+    elif env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"):
+        key = "SLURM_JOB_ID" if env.get("SLURM_JOB_ID") else "SLURM_JOBID"
+        port = slurm_port(_env_int(env, key, minimum=0))
+    elif world_size > 1:
+        raise ValueError("srun task without SLURM_JOB_ID: export MASTER_PORT to a free port on rank 0's host")
+    else:
+        port = None
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, master_addr=addr,
+                    master_port=port, launcher="srun")
+
+
+def slurm_port(job_id: int) -> int:
+    """Rendezvous port for a Slurm job: 10000 + job_id % 20000, so concurrent jobs on one node differ.
+
+    Jobs whose ids differ by a multiple of 20000 would share a port; set MASTER_PORT to override.
+    """
+    if job_id < 0:
+        raise ValueError(f"Slurm job id must be >= 0, got {job_id}")
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+
+
+def _env_int(env: Mapping[str, str], key: str, *, minimum: int) -> int:
+    text = env[key]
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"environment variable {key}={text!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"environment variable {key}={value} must be >= {minimum}")
+    return value
+
+
+def _check_rank(rank: int, world_size: int, rank_key: str, size_key: str) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"{rank_key}={rank} is outside [0, {size_key}={world_size})")
+
+
+# --------------------------------------------------------------------------
+# Slurm host lists
+# --------------------------------------------------------------------------
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand Slurm's compressed host-list syntax, keeping order and zero padding.
+
+    ``node[01-03,07],gpu5`` -> node01, node02, node03, node07, gpu5; ``gpu-[1,5-6]x`` -> gpu-1x, gpu-5x,
+    gpu-6x; several bracket groups in one name expand as a product (``r[1-2]n[1-2]`` -> r1n1, r1n2, r2n1,
+    r2n2). Raises ValueError on unbalanced brackets, empty names or descending ranges.
+    """
+    hosts: list[str] = []
+    for pattern in _split_top_level(hostlist.strip()):
+        hosts.extend(_expand_pattern(pattern, hostlist))
+    if not hosts:
+        raise ValueError(f"empty Slurm host list {hostlist!r}")
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas that are not inside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"nested '[' in Slurm host list {text!r}")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in Slurm host list {text!r}")
+        elif char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in Slurm host list {text!r}")
+    parts.append(text[start:])
+    for part in parts:
+        if not part.strip():
+            raise ValueError(f"empty host name in Slurm host list {text!r}")
+    return [p.strip() for p in parts]
+
+
+def _expand_pattern(pattern: str, whole: str) -> list[str]:
+    open_at = pattern.find("[")
+    if open_at < 0:
+        return [pattern]
+    close_at = pattern.index("]", open_at)
+    prefix, body, rest = pattern[:open_at], pattern[open_at + 1:close_at], pattern[close_at + 1:]
+    tails = _expand_pattern(rest, whole)
+    return [prefix + index + tail for index in _expand_ranges(body, whole) for tail in tails]
+
+
+def _expand_ranges(body: str, whole: str) -> list[str]:
+    """'01-03,07' -> ['01', '02', '03', '07'] (zero padding follows the range's first number)."""
+    out = []
+    for item in body.split(","):
+        match = _RANGE.match(item.strip())
+        if match is None:
+            raise ValueError(f"bad range {item!r} in Slurm host list {whole!r}")
+        first, last = match.group(1), match.group(2)
+        if last is None:
+            out.append(first)
+            continue
+        lo, hi = int(first), int(last)
+        if hi < lo:
+            raise ValueError(f"descending range {item!r} in Slurm host list {whole!r}")
+        width = len(first)
+        out.extend(str(i).zfill(width) for i in range(lo, hi + 1))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Process group
+# --------------------------------------------------------------------------
+
+
+def backend_name() -> str:
+    """nccl when CUDA is available, gloo otherwise."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _free_port(host: str = LOCALHOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(require_group: bool = False, timeout_minutes: float = 30.0) -> DistInfo:
+    """Set this process up for data-parallel training and return where it sits in the job.
+
+    * Reads the launch with ``detect_launch(os.environ)`` and exports RANK, WORLD_SIZE, LOCAL_RANK,
+      MASTER_ADDR and MASTER_PORT (what torch's ``env://`` rendezvous and DeepSpeed read), so an srun task
+      looks like a torchrun worker from here on.
+    * With CUDA, selects the GPU ``cuda:<local_rank>``.
+    * Creates the default process group (nccl with CUDA, gloo without) when world_size > 1, or for a
+      single process when ``require_group`` (DeepSpeed needs one even then; a free local port is picked
+      when MASTER_PORT is not set). DeepSpeed adopts this group when ``deepspeed.initialize`` runs.
+    * Idempotent: a second call, or a call after someone else created the group, only checks that the
+      group matches the environment.
+    """
+    info = detect_launch(os.environ)
+    if torch.cuda.is_available():
+        if info.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {info.local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible: "
+                f"start one process per GPU"
+            )
+        torch.cuda.set_device(info.local_rank)
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() != info.world_size or dist.get_rank() != info.rank:
+            raise RuntimeError(
+                f"a process group already exists as rank {dist.get_rank()} of {dist.get_world_size()}, "
+                f"but the environment says rank {info.rank} of {info.world_size}"
+            )
+        return info
+    if not info.distributed and not require_group:
+        return info
+    if info.master_port is None:
+        info = replace(info, master_port=_free_port())
+    _export(info)
+    backend = backend_name()
+    logger.info(
+        "initialising %s process group: rank %d of %d (local rank %d, launcher %s), rendezvous %s:%d",
+        backend, info.rank, info.world_size, info.local_rank, info.launcher, info.master_addr, info.master_port,
+    )
+    kwargs = {}
+    if backend == "nccl":
+        kwargs["device_id"] = torch.device("cuda", info.local_rank)
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs,
+    )
+    return info
+
+
+def _export(info: DistInfo) -> None:
+    os.environ["RANK"] = str(info.rank)
+    os.environ["WORLD_SIZE"] = str(info.world_size)
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    os.environ["MASTER_ADDR"] = info.master_addr
+    os.environ["MASTER_PORT"] = str(info.master_port)
+
+
+def get_rank() -> int:
+    """Global rank: from the process group when there is one, else from the launch environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return detect_launch(os.environ).rank
+
+
+def get_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return detect_launch(os.environ).world_size
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 (and in a plain single-process run)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroy the default process group if there is one (call once, at the end of training)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------
+
+LOG_FORMAT = "%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+class _RankHandler(logging.StreamHandler):
+    """Marks the handler setup_logging installed, so a second call replaces it instead of adding one."""
+
+
+def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
+    """Configure the root logger: ``level`` on rank 0, WARNING (or ``level`` if higher) elsewhere.
+
+    One stderr handler, one format with the rank in it (``... [rank3] WARNING engine.x: ...``). Calling it
+    again (e.g. once the rank is known) replaces the handler. Returns the root logger.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _RankHandler)]:
+        root.removeHandler(handler)
+    handler = _RankHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT.format(rank=rank), datefmt=LOG_DATEFMT))
+    root.addHandler(handler)
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    return root

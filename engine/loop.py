@@ -1,0 +1,178 @@
+"""THE training loop, shared by every task.
+
+A task supplies the model, its training dataset and what one micro-batch costs (``Task.loss``); the loop
+owns everything else: DeepSpeed, the lr/wd schedules by global step, gradient accumulation, the resumable
+sampler, checkpoints with exact resume, metrics and the non-finite-loss stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datasets.sampler import ResumableDistributedSampler
+from datasets.video_dataset import collate_clips
+from engine import checkpoint, ds
+from engine.config import Derived, save_config
+from engine.dist import DistInfo
+from engine.metrics import MetricsWriter, Throughput, peak_memory_gib, utilization
+from engine.optim import Schedules, apply_schedules, build_optimizer, describe_groups
+
+log = logging.getLogger("train")
+
+
+class Task(Protocol):
+    """What a training task brings to the loop."""
+
+    model: torch.nn.Module  # the bare model; the loop wraps it in a DeepSpeed engine
+    train_set: Dataset  # items collated by collate_clips; has set_epoch(epoch)
+    layer_decay: Optional[float]  # layer-wise lr decay, or None
+
+    def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The scalar loss of one collated micro-batch (already on the device)."""
+
+    def train_flops_per_clip(self) -> float:
+        """Model FLOPs of one clip's forward + backward, for throughput and MFU."""
+
+    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> None:
+        """Task-specific work after an epoch (pictures, evaluation); called on every rank."""
+
+    def finish(self, engine, output_dir: str) -> None:
+        """After the last step and its checkpoint (exports); called on every rank."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    consumed: int = 0  # this rank's sampler indices used in the current epoch
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _seed_streams(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
+    """Run (or resume, or report complete) the training described by ``cfg`` (a root config with ``batch``,
+    ``optim``, ``run`` and ``ds`` sections)."""
+    out = cfg.run.output_dir
+    if info.is_main:
+        save_config(cfg, out, derived)
+    optimizer = build_optimizer(task.model, cfg.optim, task.layer_decay)
+    log.info("parameter groups:\n%s", describe_groups(optimizer.param_groups))
+    engine = ds.initialize(task.model, optimizer, ds.build_ds_config(cfg.ds, cfg.batch, derived, cfg.optim.clip_grad))
+    schedules = Schedules.from_config(cfg.optim, derived)
+    device = engine.device
+    _seed_streams(cfg.run.seed * 1000 + info.rank)  # drop path etc.: a stream of its own on every rank
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + info.rank)  # masks
+    sampler = ResumableDistributedSampler(len(task.train_set), info.world_size, info.rank, seed=cfg.run.seed)
+
+    state = _resume(engine, out, sampler, generator)
+    if state.step >= derived.total_steps:
+        log.info("the run in %s is complete (%d steps); nothing to do", out, state.step)
+        return state
+    log.info("training from step %d to %d (%d per epoch, epoch %d)", state.step, derived.total_steps,
+             derived.steps_per_epoch, state.epoch)
+
+    metrics = MetricsWriter(out, enabled=info.is_main)
+    throughput, failures = Throughput(), 0
+    flops = task.train_flops_per_clip()
+    micro_per_epoch = derived.steps_per_epoch * cfg.batch.grad_accum
+    try:
+        while state.step < derived.total_steps:
+            sampler.set_epoch(state.epoch)
+            task.train_set.set_epoch(state.epoch)
+            loader = DataLoader(task.train_set, batch_size=cfg.batch.micro_batch, sampler=sampler,
+                                collate_fn=collate_clips, num_workers=cfg.batch.num_workers,
+                                persistent_workers=False)
+            micro = state.consumed // cfg.batch.micro_batch
+            waited = time.perf_counter()
+            for batch in loader:
+                if micro >= micro_per_epoch or state.step >= derived.total_steps:
+                    break
+                data_wait = time.perf_counter() - waited
+                failures += len(batch["failures"])
+                if batch["video"] is None:
+                    raise RuntimeError("every video of a micro-batch failed to decode: "
+                                       + "; ".join(f"{f.path}: {f.reason}" for f in batch["failures"]))
+                lr, wd = apply_schedules(engine.optimizer, state.step, schedules)
+                loss = task.loss(engine, _to_device(batch, device), generator)
+                boundary = ds.engine_step(engine, loss)
+                micro += 1
+                state.consumed += cfg.batch.micro_batch
+                throughput.add(batch["video"].shape[0], data_wait)
+                if boundary:
+                    state.step += 1
+                    if state.step % cfg.run.log_every == 0 or state.step == derived.total_steps:
+                        _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures)
+                    if cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0:
+                        _save(engine, out, state, sampler, generator, cfg.run.keep_last)
+                waited = time.perf_counter()
+            state.epoch += 1
+            state.consumed = 0
+            task.on_epoch_end(engine, state.epoch, out, generator)
+            last = state.step >= derived.total_steps
+            if last or state.epoch % cfg.run.save_every_epochs == 0:
+                _save(engine, out, state, sampler, generator, cfg.run.keep_last)
+    finally:
+        metrics.close()
+    task.finish(engine, out)
+    return state
+
+
+def _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures) -> None:
+    value = loss.item()  # the one host sync of a logging step
+    if not math.isfinite(value) and ds.loss_scale(engine) is None:
+        # fp16 overflow is the loss scaler's business; anything else is a broken run. The last complete
+        # checkpoint stays as it is: nothing is saved after this point.
+        raise NonFiniteLoss(f"non-finite loss {value} at step {state.step}; the last complete checkpoint "
+                            "is kept, resume from it after fixing the cause")
+    rates = throughput.read()
+    record = {"epoch": state.epoch, "loss": value, "lr": lr, "wd": wd, "grad_norm": ds.global_grad_norm(engine),
+              **rates, **utilization(flops, rates["clips_per_s"], ds.peak_flops()),
+              "peak_mem_gib": peak_memory_gib(), "unreadable_videos": failures}
+    scale = ds.loss_scale(engine)
+    if scale is not None:
+        record.update(loss_scale=scale, skipped_steps=ds.skipped_steps(engine))
+    metrics.write(state.step, record)
+
+
+def _save(engine, out, state: TrainState, sampler, generator, keep_last: int) -> None:
+    client = {"train_state": asdict(state), "sampler": sampler.state_dict(state.consumed)}
+    rank_state = {"rng": checkpoint.rng_states(), "generator": generator.get_state()}
+    path = checkpoint.save_checkpoint(engine, out, state.step, client, keep_last, rank_state=rank_state)
+    log.info("saved %s", path)
+
+
+def _resume(engine, out, sampler, generator) -> TrainState:
+    loaded = checkpoint.load_latest(engine, out)
+    if loaded is None:
+        return TrainState()
+    client, rank_state = loaded
+    state = TrainState(**client["train_state"])
+    sampler.load_state_dict(client["sampler"])
+    if rank_state is not None:
+        checkpoint.restore_rng_states(rank_state["rng"])
+        generator.set_state(rank_state["generator"])
+    log.info("resumed from step %d (epoch %d, %d samples into it)", state.step, state.epoch, state.consumed)
+    return state

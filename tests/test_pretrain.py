@@ -1,0 +1,137 @@
+"""Pre-training end to end on CPU through the real entry point: DeepSpeed engines, checkpoints, kill -9 and
+resume, two ranks under torchrun, ZeRO-3 and bf16, exported weights that fine-tuning can load."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import MARKER, checkpoint_root, complete_steps
+from engine.config import ConfigError, load_config
+from engine.pretrain import PretrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
+    return root
+
+
+def command(out: Path, data_root: Path, *overrides: str, launcher=(sys.executable,)) -> list[str]:
+    return [*launcher, str(ROOT / "run_scripts" / "pretrain.py"), "--config", str(RECIPE),
+            f"run.output_dir={out}", f"data.root={data_root}", "data.synthetic={num_videos: 40, frames: 16, "
+            "num_classes: 4}", "batch.micro_batch=4", "optim.epochs=2", "run.log_every=1", "run.vis_every_epochs=1",
+            "run.save_every_epochs=1",
+            *overrides]
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(out: Path) -> dict[int, float]:
+    """step -> loss, the last record of each step winning (a resumed run logs the replayed steps again)."""
+    if not (out / "metrics.jsonl").is_file():
+        return {}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_tiny_run_writes_everything_and_knows_when_it_is_done(tmp_path, data_root):
+    out = tmp_path / "run"
+    run(command(out, data_root))
+    for name in ("config.yaml", "derived.yaml", "metrics.jsonl", "loss_curve.png", "weights.pt",
+                 "vis/epoch_0001.png", "vis/final.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").iterdir())
+    assert complete_steps(out) == [8, 16]  # 8 steps per epoch: 32 training videos / 4 per micro-batch
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "lr", "grad_norm", "clips_per_s", "gflops_per_s", "data_wait", "peak_mem_gib"} <= record.keys()
+    again = run(command(out, data_root))
+    assert "is complete" in again.stdout + again.stderr
+
+
+def test_exported_weights_load_into_the_fine_tuning_model(tmp_path, data_root):
+    out = tmp_path / "run"
+    run(command(out, data_root, "optim.epochs=1"))
+    from models.convert import official_to_classifier
+    from models.vit import ClassifierConfig, build_classifier
+
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    cfg = load_config(PretrainConfig, str(RECIPE))
+    classifier = build_classifier(ClassifierConfig(cfg.model.encoder, num_classes=4))
+    state, report = official_to_classifier(weights)
+    missing, unexpected = classifier.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"] and not unexpected
+    torch.testing.assert_close(classifier.blocks[0].attn.qkv.weight, weights["encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, data_root):
+    overrides = ("run.save_every_steps=3", "run.keep_last=3")
+    reference = tmp_path / "reference"
+    run(command(reference, data_root, *overrides))
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(command(out, data_root, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    # Kill in the second epoch (8 steps each) once step 9's checkpoint is complete and training went on.
+    while time.time() < deadline and process.poll() is None:
+        if 9 in complete_steps(out) and max(losses(out), default=0) >= 10:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    resume_step = max(complete_steps(out))
+    assert resume_step < 16 and resume_step % 8, f"not killed mid-epoch (newest checkpoint: step {resume_step})"
+    # A checkpoint killed while being written must be ignored on resume.
+    partial = checkpoint_root(out) / "step_999"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+
+    resumed = run(command(out, data_root, *overrides))
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+    expected, got = losses(reference), losses(out)
+    assert got.keys() == expected.keys()
+    assert got == expected  # fp32 on CPU: bit-identical losses after the resume
+    assert not (checkpoint_root(out) / "step_999" / MARKER).exists()
+
+
+def test_two_ranks_zero2_under_torchrun(tmp_path, data_root):
+    out = tmp_path / "two"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    run(command(out, data_root, "optim.epochs=1", launcher=torchrun))
+    import yaml
+
+    assert yaml.safe_load((out / "derived.yaml").read_text())["world_size"] == 2
+    assert complete_steps(out) == [4]  # 32 training videos over 2 ranks x 4 per micro-batch
+    assert (out / "weights.pt").is_file()
+
+
+@pytest.mark.parametrize("template,precision", [("zero3_fp32", "fp32"), ("zero2_bf16", "bf16")])
+def test_zero3_and_bf16_single_rank(tmp_path, data_root, template, precision):
+    out = tmp_path / template
+    run(command(out, data_root, "optim.epochs=1", f"ds.template={template}", f"ds.precision={precision}"))
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert weights["encoder.blocks.0.attn.qkv.weight"].dtype == torch.float32
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_template_precision_mismatch_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match="zero2_bf16.*bf16.*fp32"):
+        load_config(PretrainConfig, str(RECIPE), ["ds.template=zero2_bf16"])
