@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Protocol
@@ -58,6 +59,26 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class ProgressLine:
+    """A one-line progress bar on an interactive terminal (rank 0): steps, rate and time left. Host-sync free."""
+
+    def __init__(self, start_step: int, total_steps: int):
+        self.start_step, self.total = start_step, total_steps
+        self.start = time.perf_counter()
+
+    def update(self, step: int) -> None:
+        done = (step - self.start_step) / max(self.total - self.start_step, 1)
+        elapsed = time.perf_counter() - self.start
+        rate = (step - self.start_step) / max(elapsed, 1e-9)
+        left = (self.total - step) / max(rate, 1e-9)
+        bar = "#" * int(30 * done)
+        sys.stderr.write(f"\r[{bar:<30s}] step {step}/{self.total}  {rate:.2f} steps/s  {left / 60:.1f} min left")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
 def _seed_streams(seed: int) -> None:
     import random
 
@@ -98,6 +119,8 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     throughput, failures = Throughput(), 0
     flops = task.train_flops_per_clip()
     micro_per_epoch = derived.steps_per_epoch * cfg.batch.grad_accum
+    loss = None  # a resume at the very end of an epoch trains no micro-step before that epoch's save
+    progress = ProgressLine(state.step, derived.total_steps) if info.is_main and sys.stderr.isatty() else None
     try:
         while state.step < derived.total_steps:
             sampler.set_epoch(state.epoch)
@@ -123,9 +146,12 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                 throughput.add(batch["video"].shape[0], data_wait)
                 if boundary:
                     state.step += 1
+                    if progress:
+                        progress.update(state.step)
                     if state.step % cfg.run.log_every == 0 or state.step == derived.total_steps:
                         _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures)
                     if cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0:
+                        _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
                         _save(engine, out, state, sampler, generator, cfg.run.keep_last)
                 waited = time.perf_counter()
             state.epoch += 1
@@ -133,20 +159,28 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
             task.on_epoch_end(engine, state.epoch, out, generator)
             last = state.step >= derived.total_steps
             if last or state.epoch % cfg.run.save_every_epochs == 0:
+                if loss is not None:
+                    _check_finite(engine, loss.item(), state.step)
                 _save(engine, out, state, sampler, generator, cfg.run.keep_last)
     finally:
         metrics.close()
+        if progress:
+            progress.close()
     task.finish(engine, out)
     return state
 
 
-def _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures) -> None:
-    value = loss.item()  # the one host sync of a logging step
+def _check_finite(engine, value: float, step: int) -> None:
     if not math.isfinite(value) and ds.loss_scale(engine) is None:
         # fp16 overflow is the loss scaler's business; anything else is a broken run. The last complete
         # checkpoint stays as it is: nothing is saved after this point.
-        raise NonFiniteLoss(f"non-finite loss {value} at step {state.step}; the last complete checkpoint "
+        raise NonFiniteLoss(f"non-finite loss {value} at step {step}; the last complete checkpoint "
                             "is kept, resume from it after fixing the cause")
+
+
+def _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures) -> None:
+    value = loss.item()  # the one host sync of a logging step
+    _check_finite(engine, value, state.step)
     rates = throughput.read()
     record = {"epoch": state.epoch, "loss": value, "lr": lr, "wd": wd, "grad_norm": ds.global_grad_norm(engine),
               **rates, **utilization(flops, rates["clips_per_s"], ds.peak_flops()),

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, i
 
 from engine.config import config_from_cli  # noqa: E402
 from engine.dist import cleanup, init_distributed, setup_logging  # noqa: E402
-from engine.loop import train  # noqa: E402
+from engine.loop import NonFiniteLoss, train  # noqa: E402
 from engine.pretrain import PretrainConfig, PretrainTask, derive_pretrain  # noqa: E402
 
 log = logging.getLogger("pretrain")
@@ -30,7 +30,11 @@ def main(argv=None) -> int:
         task = PretrainTask(cfg)
         derived = derive_pretrain(cfg, info.world_size, num_train_samples=len(task.train_set))
         log.info("derived: %s", derived.as_dict())
-        train(task, cfg, derived, info)
+        try:
+            train(task, cfg, derived, info)
+        except NonFiniteLoss as err:
+            log.error("%s", err)
+            return 1
         if info.is_main:
             out = Path(cfg.run.output_dir)
             log.info("outputs in %s: config.yaml, derived.yaml, metrics.jsonl, tb/, vis/, checkpoints/, weights.pt, "

@@ -80,6 +80,24 @@ def test_exported_weights_load_into_the_fine_tuning_model(tmp_path, data_root):
     assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"] and not unexpected
     torch.testing.assert_close(classifier.blocks[0].attn.qkv.weight, weights["encoder.blocks.0.attn.qkv.weight"])
 
+    # Pictures from the exported weights and from the DeepSpeed step directory are the same.
+    visualize = [sys.executable, str(ROOT / "run_scripts" / "visualize.py"), "--config", str(RECIPE),
+                 f"data.root={data_root}", "data.synthetic={num_videos: 40, frames: 16, num_classes: 4}"]
+    run(visualize + [f"--weights={out / 'weights.pt'}", f"--out={tmp_path / 'a.png'}"])
+    run(visualize + [f"--weights={checkpoint_root(out) / 'step_8'}", f"--out={tmp_path / 'b.png'}"])
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path, data_root):
+    out = tmp_path / "diverged"
+    result = subprocess.run(command(out, data_root, "optim.lr=1e12", "run.save_every_steps=1", "run.keep_last=50"),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    message = next(line for line in result.stderr.splitlines() if "non-finite loss" in line)
+    failed_step = int(message.split(" at step ")[1].split(";")[0])
+    assert complete_steps(out) and max(complete_steps(out)) < failed_step
+    assert not (out / "weights.pt").exists()
+
 
 def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, data_root):
     overrides = ("run.save_every_steps=3", "run.keep_last=3")

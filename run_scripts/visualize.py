@@ -1,0 +1,57 @@
+"""Reconstruction pictures of any pre-training checkpoint: original / masked / reconstructed frames as a PNG.
+
+    python run_scripts/visualize.py --config <recipe>.yaml --weights=runs/x/weights.pt [--out=vis.png] [key=value ...]
+    python run_scripts/visualize.py --config <recipe>.yaml --weights=runs/x/checkpoints/step_300 ...
+
+``--weights`` is an exported weights file (ours or an official VideoMAE pre-training checkpoint) or a DeepSpeed
+step directory, whose ZeRO partitions are gathered. Clips come from the recipe's training data (the first
+``--videos`` videos, 4 by default) with masks drawn from ``--seed`` (0).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
+
+from datasets.video_dataset import collate_clips, normalize  # noqa: E402
+from engine.checkpoint import load_weights  # noqa: E402
+from engine.config import config_from_cli  # noqa: E402
+from engine.pictures import save_reconstructions  # noqa: E402
+from engine.pretrain import PretrainConfig, build_model_and_masks, build_train_clips  # noqa: E402
+from models.convert import official_to_pretrain  # noqa: E402
+
+
+def read_state_dict(path: Path) -> dict:
+    if path.is_dir():  # a DeepSpeed step directory
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    if path.suffix == ".safetensors" or path.name == "weights.pt":
+        return load_weights(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def main(argv=None) -> int:
+    cfg, flags = config_from_cli(PretrainConfig, argv)
+    if "weights" not in flags:
+        raise SystemExit("usage: visualize.py --config RECIPE --weights=PATH [--out=PNG] [--videos=N] [--seed=S]")
+    model, masks = build_model_and_masks(cfg)
+    state, _ = official_to_pretrain(read_state_dict(Path(flags["weights"])))
+    model.load_state_dict(state)
+    dataset = build_train_clips(cfg)
+    batch = collate_clips([dataset[i] for i in range(min(int(flags.get("videos", 4)), len(dataset)))])
+    if batch["video"] is None:
+        raise SystemExit("none of the first videos could be read: " + "; ".join(f.reason for f in batch["failures"]))
+    video = normalize(batch["video"], cfg.data.mean, cfg.data.std)
+    mask, decoder_mask = masks(video.shape[0], generator=torch.Generator().manual_seed(int(flags.get("seed", 0))))
+    out = save_reconstructions(model, video, mask, flags.get("out", "reconstruction.png"), decoder_mask)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
