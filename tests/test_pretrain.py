@@ -153,3 +153,27 @@ def test_zero3_and_bf16_single_rank(tmp_path, data_root, template, precision):
 def test_template_precision_mismatch_is_a_clear_config_error():
     with pytest.raises(ConfigError, match="zero2_bf16.*bf16.*fp32"):
         load_config(PretrainConfig, str(RECIPE), ["ds.template=zero2_bf16"])
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, data_root):
+    out = tmp_path / "accum"
+    run(command(out, data_root, "optim.epochs=1", "batch.grad_accum=2"))
+    import yaml
+
+    derived = yaml.safe_load((out / "derived.yaml").read_text())
+    assert derived["steps_per_epoch"] == 4 and derived["global_batch"] == 8
+    assert complete_steps(out) == [4]  # 8 micro-batches, one optimizer step per 2
+    assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+def test_fp16_logs_the_loss_scale(tmp_path, data_root):
+    from engine.ds import check_precision_supported
+
+    try:
+        check_precision_supported("fp16")
+    except ValueError as reason:
+        pytest.skip(f"this CPU has no native fp16: {reason}")
+    out = tmp_path / "fp16"
+    run(command(out, data_root, "optim.epochs=1", "ds.template=zero2_fp16", "ds.precision=fp16"))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["loss_scale"] > 0 and "skipped_steps" in record
