@@ -151,6 +151,8 @@ class RunConfig:
     save_every_steps: int = 0
     # write reconstruction pictures to vis/ every this many epochs (and after the last one); 0 = never
     vis_every_epochs: int = 20
+    # compile the model with torch.compile (inductor) through DeepSpeed; first steps are slower
+    compile: bool = False
     # number of most recent periodic checkpoints to keep on disk
     keep_last: int = 2
 

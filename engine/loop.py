@@ -102,6 +102,8 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     optimizer = build_optimizer(task.model, cfg.optim, task.layer_decay)
     log.info("parameter groups:\n%s", describe_groups(optimizer.param_groups))
     engine = ds.initialize(task.model, optimizer, ds.build_ds_config(cfg.ds, cfg.batch, derived, cfg.optim.clip_grad))
+    if cfg.run.compile:
+        engine.compile()  # parameter names stay those of the bare module: checkpoints are unaffected
     schedules = Schedules.from_config(cfg.optim, derived)
     device = engine.device
     _seed_streams(cfg.run.seed * 1000 + info.rank)  # drop path etc.: a stream of its own on every rank

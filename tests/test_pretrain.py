@@ -177,3 +177,12 @@ def test_fp16_logs_the_loss_scale(tmp_path, data_root):
     run(command(out, data_root, "optim.epochs=1", "ds.template=zero2_fp16", "ds.precision=fp16"))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["loss_scale"] > 0 and "skipped_steps" in record
+
+
+def test_compiled_model_trains_and_exports_the_same_names(tmp_path, data_root):
+    """torch.compile through DeepSpeed (about a minute on 2 cores, most of it compiling)."""
+    out = tmp_path / "compiled"
+    run(command(out, data_root, "optim.epochs=1", "run.compile=true"), timeout=600)
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert not any("_orig_mod" in name for name in weights)
+    assert "encoder.blocks.0.attn.qkv.weight" in weights and len(losses(out)) == 8
