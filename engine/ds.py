@@ -277,7 +277,7 @@ def build_ds_config(
     return config
 
 
-def _offloads_optimizer(ds_config: dict) -> bool:
+def offloads_optimizer(ds_config: dict) -> bool:
     zero = ds_config.get("zero_optimization") or {}
     offload = zero.get("offload_optimizer") or {}
     return isinstance(offload, dict) and offload.get("device", "none") not in ("none", None)
@@ -301,7 +301,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     for key in ("optimizer", "scheduler"):
         if key in ds_config:
             raise ValueError(f"ds_config has a '{key}' block; {_OWNED_ELSEWHERE[key]}")
-    if _offloads_optimizer(ds_config) and not _is_ds_cpu_optimizer(optimizer):
+    if offloads_optimizer(ds_config) and not _is_ds_cpu_optimizer(optimizer):
         raise ValueError(
             f"the DeepSpeed config offloads the optimizer to CPU (zero_optimization.offload_optimizer), which "
             f"needs deepspeed.ops.adam.DeepSpeedCPUAdam (same parameter groups, adamw_mode=True), not "
@@ -493,3 +493,13 @@ def consolidated_fp32_state_dict(engine, checkpoint_dir: str, tag: str) -> Optio
 
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     return {name: tensor.float() for name, tensor in state.items()}
+
+
+def cpu_adam_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam (AdamW mode) over the same parameter groups and hyper-parameters as ``optimizer``,
+    for the offload templates: ZeRO-Offload steps on the CPU with its own fused kernel (JIT-built once)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    defaults = optimizer.defaults
+    return DeepSpeedCPUAdam(optimizer.param_groups, lr=defaults["lr"], betas=defaults["betas"],
+                            eps=defaults["eps"], weight_decay=defaults["weight_decay"], adamw_mode=True)

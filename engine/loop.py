@@ -99,9 +99,12 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     out = cfg.run.output_dir
     if info.is_main:
         save_config(cfg, out, derived)
+    ds_config = ds.build_ds_config(cfg.ds, cfg.batch, derived, cfg.optim.clip_grad)
     optimizer = build_optimizer(task.model, cfg.optim, task.layer_decay)
     log.info("parameter groups:\n%s", describe_groups(optimizer.param_groups))
-    engine = ds.initialize(task.model, optimizer, ds.build_ds_config(cfg.ds, cfg.batch, derived, cfg.optim.clip_grad))
+    if ds.offloads_optimizer(ds_config):
+        optimizer = ds.cpu_adam_like(optimizer)
+    engine = ds.initialize(task.model, optimizer, ds_config)
     if cfg.run.compile:
         engine.compile()  # parameter names stay those of the bare module: checkpoints are unaffected
     schedules = Schedules.from_config(cfg.optim, derived)

@@ -141,8 +141,9 @@ def test_two_ranks_zero2_under_torchrun(tmp_path, data_root):
     assert (out / "weights.pt").is_file()
 
 
-@pytest.mark.parametrize("template,precision", [("zero3_fp32", "fp32"), ("zero2_bf16", "bf16")])
-def test_zero3_and_bf16_single_rank(tmp_path, data_root, template, precision):
+@pytest.mark.parametrize("template,precision", [("zero3_fp32", "fp32"), ("zero2_bf16", "bf16"),
+                                               ("zero2_offload_bf16", "bf16")])
+def test_zero3_bf16_and_offload_single_rank(tmp_path, data_root, template, precision):
     out = tmp_path / template
     run(command(out, data_root, "optim.epochs=1", f"ds.template={template}", f"ds.precision={precision}"))
     weights = torch.load(out / "weights.pt", weights_only=True)
