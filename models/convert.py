@@ -104,17 +104,20 @@ _BLOCK_PARAM = (
     r"blocks\.\d+\.(?:(?:norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)"
     r"|attn\.qkv\.weight|attn\.q_bias|attn\.v_bias|gamma_1|gamma_2)"
 )
+# Our own additions to the official layout (MAE-ST options): learnable separable position tables, cls token.
+_OWN_EMBEDDINGS = r"cls_token|pos_embed\.(?:spatial|temporal|cls)"
 _CLASSIFIER_KEY = re.compile(
-    rf"patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|(?:norm|fc_norm|head)\.(?:weight|bias)"
+    rf"patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|(?:norm|fc_norm|head)\.(?:weight|bias)|{_OWN_EMBEDDINGS}"
 )
 _PRETRAIN_KEY = re.compile(
-    rf"encoder\.(?:patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|norm\.(?:weight|bias))"
+    rf"encoder\.(?:patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|norm\.(?:weight|bias)|{_OWN_EMBEDDINGS})"
     rf"|encoder_to_decoder\.weight|mask_token|decoder\.(?:{_BLOCK_PARAM}|(?:norm|head)\.(?:weight|bias))"
+    rf"|decoder_pos_embed\.(?:spatial|temporal)"
 )
 
 
 def _is_pretrain_only(key: str) -> bool:
-    return key.startswith("decoder.") or key in ("encoder_to_decoder.weight", "mask_token")
+    return key.startswith(("decoder.", "decoder_pos_embed.")) or key in ("encoder_to_decoder.weight", "mask_token")
 
 
 def official_to_classifier(

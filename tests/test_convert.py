@@ -293,3 +293,22 @@ def test_incomplete_hf_attention_is_refused():
     del hf_sd["videomae.encoder.layer.1.attention.attention.key.weight"]
     with pytest.raises(ValueError, match="key"):
         hf_to_ours(hf_sd, pretrain=False)
+
+
+def test_our_own_mae_st_weights_round_trip_through_the_official_loaders():
+    """Separable position tables and a cls token (MAE-ST options) are part of our layout too."""
+    from models.convert import official_to_classifier, official_to_pretrain
+    from models.videomae import DecoderConfig, PretrainModelConfig, VideoMAE
+    from models.vit import ClassifierConfig, ViTConfig, build_classifier
+
+    encoder = ViTConfig(arch="vit_debug", num_frames=4, img_size=32, patch_size=8, pos_embed="separable",
+                        cls_token=True)
+    pretrain = VideoMAE(PretrainModelConfig(encoder, DecoderConfig(depth=1, pos_embed="separable")))
+    state, _ = official_to_pretrain({"model": pretrain.state_dict()})
+    VideoMAE(PretrainModelConfig(encoder, DecoderConfig(depth=1, pos_embed="separable"))).load_state_dict(state)
+    classifier = build_classifier(ClassifierConfig(encoder, num_classes=3, global_pool="cls"))
+    mapped, report = official_to_classifier(pretrain.state_dict(), global_pool="cls")
+    missing, unexpected = classifier.load_state_dict(mapped, strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
+    assert "decoder_pos_embed.spatial" in report.dropped
+    assert torch.equal(classifier.pos_embed.spatial, pretrain.encoder.pos_embed.spatial)
