@@ -308,3 +308,75 @@ def ours_to_hf(sd: Mapping, *, pretrain: bool, naming: HFNaming = DEFAULT_HF_NAM
         unknown.append(key)
     _raise_unrecognised(unknown, "our state dict (conversion to Hugging Face)")
     return out
+
+
+# ---- loading pre-trained weights into a classifier ---------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What ``load_into_classifier`` did, for the log: nothing is dropped or reshaped silently."""
+
+    loaded: list[str] = field(default_factory=list)  # keys copied into the model
+    dropped: list[str] = field(default_factory=list)  # checkpoint keys left out on purpose (decoder, old head)
+    resampled: list[str] = field(default_factory=list)  # position tables resized to the model's grid
+    fresh: list[str] = field(default_factory=list)  # model keys the checkpoint did not provide (a new head)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        for title, keys in (("dropped", self.dropped), ("resampled", self.resampled), ("fresh", self.fresh)):
+            if keys:
+                lines.append(f"{title}: {', '.join(sorted(keys))}")
+        return "; ".join(lines)
+
+
+_FRESH_HEAD = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
+
+
+def _looks_like_hf(sd: Mapping) -> bool:
+    return any(k.startswith(("videomae.", "classifier.")) for k in sd)
+
+
+def load_into_classifier(model, checkpoint: Mapping) -> LoadReport:
+    """Load a pre-trained or fine-tuned checkpoint (ours, official VideoMAE / V2, or Hugging Face) into our
+    classifier ``model``, strictly but for a new head.
+
+    * Pre-training-only weights (decoder, ``encoder_to_decoder``, ``mask_token``) are dropped explicitly, and a
+      head of another class count too; both are listed in the report.
+    * Learnable separable position tables learned for another frame count or resolution are resampled to the
+      model's grid (time and space separately); the fixed sin-cos table is rebuilt by the model itself, so a
+      16-frame pre-training loads into an 8- or 32-frame classifier.
+    * Any other missing, unexpected or mis-shaped key is an error naming it: only ``head`` and ``fc_norm`` may be
+      fresh.
+    """
+    from models.pos_embed import resample_spatial, resample_temporal
+
+    sd = unwrap_state_dict(checkpoint)
+    if _looks_like_hf(sd):
+        sd = hf_to_ours(sd, pretrain=any(k.startswith("decoder.") for k in sd))
+    sd, conversion = official_to_classifier(sd, global_pool=model.global_pool)
+    report = LoadReport(dropped=list(conversion.dropped))
+    own = model.state_dict()
+    for key in ("head.weight", "head.bias"):
+        if key in sd and (key not in own or sd[key].shape != own[key].shape):
+            report.dropped.append(key)
+            del sd[key]
+    grid = model.cfg.grid
+    if "pos_embed.spatial" in sd and sd["pos_embed.spatial"].shape != own["pos_embed.spatial"].shape:
+        sd["pos_embed.spatial"] = resample_spatial(sd["pos_embed.spatial"], grid[1:])
+        report.resampled.append("pos_embed.spatial")
+    if "pos_embed.temporal" in sd and sd["pos_embed.temporal"].shape != own["pos_embed.temporal"].shape:
+        sd["pos_embed.temporal"] = resample_temporal(sd["pos_embed.temporal"], grid[0])
+        report.resampled.append("pos_embed.temporal")
+    wrong_shape = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if wrong_shape:
+        details = ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape)
+        raise ValueError(f"checkpoint tensors do not fit the model: {details}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    not_fresh = [k for k in missing if k not in _FRESH_HEAD]
+    if not_fresh or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {sorted(not_fresh)}, "
+                         f"unexpected {sorted(unexpected)}")
+    report.loaded = [k for k in sd if k not in unexpected]
+    report.fresh = sorted(missing)
+    return report

@@ -312,3 +312,56 @@ def test_our_own_mae_st_weights_round_trip_through_the_official_loaders():
     assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
     assert "decoder_pos_embed.spatial" in report.dropped
     assert torch.equal(classifier.pos_embed.spatial, pretrain.encoder.pos_embed.spatial)
+
+
+@pytest.mark.parametrize("frames,size", [(8, 32), (32, 32), (16, 48)])
+def test_a_16_frame_pre_training_loads_into_other_frame_counts_and_sizes(frames, size):
+    from models.convert import load_into_classifier
+    from models.videomae import DecoderConfig, PretrainModelConfig, VideoMAE
+    from models.vit import ClassifierConfig, ViTConfig, build_classifier
+
+    def encoder(pos, **geometry):
+        return ViTConfig(arch="vit_debug", patch_size=8, pos_embed=pos, **{"num_frames": 16, "img_size": 32,
+                                                                          **geometry})
+
+    for pos in ("sincos", "separable"):
+        pretrain = VideoMAE(PretrainModelConfig(encoder(pos), DecoderConfig(depth=1)))
+        classifier = build_classifier(ClassifierConfig(encoder(pos, num_frames=frames, img_size=size),
+                                                       num_classes=5))
+        report = load_into_classifier(classifier, {"model": pretrain.state_dict()})
+        assert report.fresh == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+        assert "encoder_to_decoder.weight" in report.dropped and "mask_token" in report.dropped
+        resized = (frames != 16) + (size != 32) if pos == "separable" else 0
+        assert len(report.resampled) == resized
+        torch.testing.assert_close(classifier.blocks[1].mlp.fc2.weight, pretrain.encoder.blocks[1].mlp.fc2.weight)
+        assert classifier(torch.randn(1, 3, frames, size, size)).shape == (1, 5)
+
+
+def test_a_head_of_another_class_count_is_dropped_and_reported():
+    from models.convert import load_into_classifier
+    from models.vit import ClassifierConfig, ViTConfig, build_classifier
+
+    encoder = ViTConfig(arch="vit_debug", num_frames=4, img_size=32, patch_size=8)
+    finetuned = build_classifier(ClassifierConfig(encoder, num_classes=400))
+    target = build_classifier(ClassifierConfig(encoder, num_classes=7))
+    report = load_into_classifier(target, {"module": finetuned.state_dict()})
+    assert {"head.weight", "head.bias"} <= set(report.dropped)
+    assert report.fresh == ["head.bias", "head.weight"]
+    torch.testing.assert_close(target.fc_norm.weight, finetuned.fc_norm.weight)
+    bigger = build_classifier(ClassifierConfig(ViTConfig(arch="vit_debug", num_frames=4, img_size=32,
+                                                         patch_size=8, depth=3), num_classes=7))
+    with pytest.raises(ValueError, match="missing.*blocks.2"):
+        load_into_classifier(bigger, finetuned.state_dict())
+
+
+def test_hugging_face_state_dicts_load_into_the_classifier():
+    from models.convert import load_into_classifier, ours_to_hf
+    from models.vit import ClassifierConfig, ViTConfig, build_classifier
+
+    encoder = ViTConfig(arch="vit_debug", num_frames=4, img_size=32, patch_size=8)
+    source = build_classifier(ClassifierConfig(encoder, num_classes=5))
+    target = build_classifier(ClassifierConfig(encoder, num_classes=5))
+    report = load_into_classifier(target, ours_to_hf(source.state_dict(), pretrain=False))
+    assert report.fresh == [] and not report.dropped
+    video = torch.randn(1, 3, 4, 32, 32)
+    torch.testing.assert_close(target.eval()(video), source.eval()(video))
