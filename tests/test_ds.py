@@ -154,7 +154,7 @@ LRS = (1e-2, 5e-3, 2e-3)  # our own schedule, written into the param groups befo
 def ds_group():
     """A 1-rank gloo group for every engine of this module, with the variables a launcher would set."""
     if torch.distributed.is_initialized():
-        pytest.skip("a process group already exists in this process")
+        pytest.fail("a process group leaked from an earlier test: every test must destroy the groups it makes")
     with pytest.MonkeyPatch.context() as mp:
         for key in LAUNCH_VARS:
             mp.delenv(key, raising=False)
