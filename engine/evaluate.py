@@ -1,0 +1,135 @@
+"""Multi-view test scoring: per-video softmax averaging, combined across ranks with collectives.
+
+Every rank scores its own exact share of the test items (``ResumableDistributedSampler(shuffle=False,
+pad=False)`` over ``EvalClips``) into a ``ScoreAccumulator``; ``gather`` all-reduces the per-video sums and
+view counts (no per-rank text files) and all-gathers the failures; ``summarize`` averages the softmax
+probabilities of each video's views (softmax before averaging, as VideoMAE's fix #72) and reports top-1,
+top-5 and mean per-class accuracy. A video with no view at all (unreadable) is listed under ``unscored``
+and left out of every accuracy; it is never replaced by another video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ScoreAccumulator", "gather", "summarize"]
+
+
+class ScoreAccumulator:
+    """Per-video sums of softmax probabilities and per-video view counts.
+
+    ``scores``: float64 (num_videos, num_classes); ``counts``: int64 (num_videos,);
+    ``failures``: list of (index, path, reason), one per failed item (a video may fail on several views).
+    """
+
+    def __init__(self, num_videos: int, num_classes: int):
+        if num_videos < 1 or num_classes < 1:
+            raise ValueError(f"need at least one video and one class, got {num_videos} and {num_classes}")
+        self.num_videos = num_videos
+        self.num_classes = num_classes
+        self.scores = torch.zeros(num_videos, num_classes, dtype=torch.float64)
+        self.counts = torch.zeros(num_videos, dtype=torch.int64)
+        self.failures: list[tuple[int, str, str]] = []
+
+    def add(self, logits: torch.Tensor, video_index: torch.Tensor) -> None:
+        """Add views: ``logits`` (N, C), one row per view (crop); ``video_index`` (N,) the video of each row."""
+        logits = logits.detach().to("cpu", torch.float64)
+        index = torch.as_tensor(video_index).to("cpu", torch.int64).reshape(-1)
+        if logits.ndim != 2 or logits.shape != (index.numel(), self.num_classes):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match ({index.numel()}, {self.num_classes})")
+        if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.num_videos):
+            raise ValueError(f"video index outside 0..{self.num_videos - 1}")
+        self.scores.index_add_(0, index, logits.softmax(dim=1))
+        self.counts.index_add_(0, index, torch.ones_like(index))
+
+    def add_failures(self, failures: Iterable) -> None:
+        """Record unreadable items: ``Failure(index, path, reason)`` objects (or 3-tuples) from ``collate_clips``."""
+        for failure in failures:
+            index, path, reason = (failure.index, failure.path, failure.reason) if hasattr(failure, "index") \
+                else failure
+            self.failures.append((int(index), str(path), str(reason)))
+
+
+def _group_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
+    """Combine every rank's accumulator (collective: call on all ranks); returns a new one, same on all ranks.
+
+    Sums ``scores`` (num_videos, C) and ``counts`` (num_videos,) with all_reduce and concatenates the
+    failures with all_gather_object (sorted, so the result does not depend on the split). Without a process
+    group (or with one rank) it returns a copy of ``acc``.
+    """
+    out = ScoreAccumulator(acc.num_videos, acc.num_classes)
+    out.scores, out.counts = acc.scores.clone(), acc.counts.clone()
+    failures = list(acc.failures)
+    if _group_active():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        for tensor in (out.scores, out.counts):
+            buffer = tensor.to(device)
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            tensor.copy_(buffer.cpu())
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, failures)
+        failures = [f for part in parts for f in part]
+    out.failures = sorted(set(failures))
+    return out
+
+
+def _topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """bool (V,): label among the ``k`` best classes of ``probs`` (V, C); k clipped to C."""
+    top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
+def _mean_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present in ``labels`` (V,) of the fraction of ``correct`` (V,) videos."""
+    per_class = [correct[labels == c].double().mean().item() for c in labels.unique().tolist()]
+    return sum(per_class) / len(per_class) if per_class else 0.0
+
+
+def _reasons(acc: ScoreAccumulator) -> dict[int, list[str]]:
+    """video index → reasons of its failed items, in order."""
+    out: dict[int, list[str]] = {}
+    for index, _, reason in acc.failures:
+        out.setdefault(index, []).append(reason)
+    return out
+
+
+def summarize(acc: ScoreAccumulator, labels: Sequence[int], paths: Sequence[str], expected_views: int) -> dict:
+    """Accuracy of the per-video mean of softmax probabilities (call on the gathered accumulator).
+
+    ``labels``, ``paths``: one per video (num_videos,); ``expected_views``: rows per video when nothing
+    fails (temporal views × spatial crops). Returns ``top1``, ``top5`` (k clipped to num_classes),
+    ``mean_class_accuracy`` (classes with no scored video excluded), all in [0, 1] over scored videos;
+    ``num_videos``, ``num_scored``; ``unscored``: [(path, reason)] for videos with no view;
+    ``partially_scored``: [(path, views, reason)] for videos scored on fewer than ``expected_views`` views.
+    """
+    if len(labels) != acc.num_videos or len(paths) != acc.num_videos:
+        raise ValueError(f"{len(labels)} labels and {len(paths)} paths for {acc.num_videos} videos")
+    reasons = _reasons(acc)
+    scored = acc.counts > 0
+    label_t = torch.as_tensor(list(labels), dtype=torch.int64)[scored]
+    probs = acc.scores[scored] / acc.counts[scored, None]  # (V_scored, C); counts >= 1, no division by zero
+    top1 = _topk_correct(probs, label_t, 1)
+    top5 = _topk_correct(probs, label_t, 5)
+    n = int(scored.sum())
+    counts = acc.counts.tolist()
+
+    def why(i: int) -> str:
+        return "; ".join(reasons.get(i, [])) or "no view was scored"
+
+    return {
+        "top1": top1.double().mean().item() if n else 0.0,
+        "top5": top5.double().mean().item() if n else 0.0,
+        "mean_class_accuracy": _mean_class_accuracy(top1, label_t),
+        "num_videos": acc.num_videos,
+        "num_scored": n,
+        "unscored": [(paths[i], why(i)) for i, c in enumerate(counts) if c == 0],
+        "partially_scored": [(paths[i], c, why(i)) for i, c in enumerate(counts) if 0 < c < expected_views],
+    }
