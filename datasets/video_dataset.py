@@ -29,10 +29,7 @@ from datasets.sampling import (
     segment_indices,
     union_indices,
 )
-from datasets.transforms import AugmentConfig, build_eval_views, build_transform
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, build_eval_views, build_transform
 
 
 @dataclass
@@ -101,6 +98,11 @@ class _ClipSource(Dataset):
             if num_frames < span:
                 raise VideoReadError(path, f"{num_frames} frames, shorter than the clip span of {span}")
 
+    @property
+    def _short_policy(self) -> str:
+        """How a clip is cut from a short video; with ``skip`` such videos never get this far."""
+        return "loop" if self.cfg.short_video == "skip" else self.cfg.short_video
+
     def _failure(self, index: int, error: VideoReadError) -> Failure:
         return Failure(index, self.records[index].path, error.reason)
 
@@ -129,8 +131,8 @@ class TrainClips(_ClipSource):
         cfg = self.cfg
         if cfg.sampling == "segments":
             return [segment_indices(num_frames, self.clip_len, rng) for _ in range(self.repeats)]
-        short = "loop" if cfg.short_video == "skip" else cfg.short_video
-        return repeated_dense_indices(num_frames, self.clip_len, cfg.sampling_rate, self.repeats, rng, short)
+        return repeated_dense_indices(num_frames, self.clip_len, cfg.sampling_rate, self.repeats, rng,
+                                      self._short_policy)
 
     def __getitem__(self, index: int):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
@@ -159,8 +161,7 @@ class EvalClips(_ClipSource):
         cfg, k = self.cfg, self.temporal_views
         if cfg.sampling == "segments":
             return [multiview_segment_indices(num_frames, self.clip_len, k)[view]]
-        short = "loop" if cfg.short_video == "skip" else cfg.short_video
-        return [multiview_temporal_indices(num_frames, self.clip_len, cfg.sampling_rate, k, short)[view]]
+        return [multiview_temporal_indices(num_frames, self.clip_len, cfg.sampling_rate, k, self._short_policy)[view]]
 
     def __getitem__(self, item: int):
         index, view = divmod(item, self.temporal_views)
