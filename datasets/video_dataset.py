@@ -35,7 +35,8 @@ from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, buil
 @dataclass
 class DataConfig:
     train_list: str = ""  # training annotation list, or a folder of videos for unlabeled pre-training
-    val_list: str = ""  # validation/test annotation list
+    val_list: str = ""  # validation annotation list (and the test list when `test_list` is not set)
+    test_list: str = ""  # multi-view test annotation list; empty = `val_list` (VideoMAE tests K400 on val)
     root: Optional[str] = None  # folder that relative paths in the lists are joined to
     synthetic: Optional[SyntheticSpec] = None  # the built-in dataset: generated into `root` when missing,
     #                                            its train.csv/val.csv used when the lists are not set
@@ -151,7 +152,9 @@ class EvalClips(_ClipSource):
 
     def __init__(self, records, cfg: DataConfig, clip_len: int, size: int, temporal_views: Optional[int] = None):
         super().__init__(records, cfg, clip_len)
+        self.size = size
         self.temporal_views = temporal_views or cfg.test_temporal_views
+        self.num_spatial_views = cfg.eval_augment.num_spatial_views
         self.views = build_eval_views(cfg.eval_augment, size)
 
     def __len__(self) -> int:
@@ -216,15 +219,17 @@ def collate_clips(items: list) -> dict:
     }
 
 
-def load_records(cfg: DataConfig, split: Literal["train", "val"]) -> list[VideoRecord]:
-    """The records of a split; a folder given as ``train_list`` is scanned for videos (unlabeled).
+def load_records(cfg: DataConfig, split: Literal["train", "val", "test"]) -> list[VideoRecord]:
+    """The records of a split; a folder given as ``train_list`` is scanned for videos (unlabeled). The test
+    split is ``test_list``, or ``val_list`` when that is empty.
 
     With ``cfg.synthetic`` the built-in dataset is generated into ``cfg.root`` first if it is not there yet.
     """
-    path = cfg.train_list if split == "train" else cfg.val_list
+    lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list or cfg.val_list}
+    path = lists[split]
     if cfg.synthetic is not None:
         ensure_synthetic_dataset(cfg.root, cfg.synthetic)
-        path = path or os.path.join(cfg.root, f"{split}.csv")
+        path = path or os.path.join(cfg.root, "train.csv" if split == "train" else "val.csv")
     if not path:
-        raise ValueError(f"data.{split}_list is not set")
+        raise ValueError(f"data.{'train' if split == 'train' else 'val'}_list is not set")
     return read_annotations(path, format=cfg.format, data_root=cfg.root, num_classes=cfg.num_classes)

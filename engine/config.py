@@ -109,6 +109,8 @@ class OptimConfig:
     warmup_epochs: int = 40
     # scale lr by clips (videos x repeats) instead of videos; see derive()
     lr_scale_with_repeats: bool = False
+    # layer-wise lr decay (fine-tuning, VideoMAE semantics): layer i of depth+2 gets decay**(depth+1-i); None = off
+    layer_decay: Optional[float] = None
 
     def __post_init__(self) -> None:
         _require(self.blr > 0, f"blr must be > 0, got {self.blr}")
@@ -127,6 +129,10 @@ class OptimConfig:
             f"clip_grad must be > 0 or null, got {self.clip_grad}",
         )
         _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(
+            self.layer_decay is None or 0 < self.layer_decay <= 1,
+            f"layer_decay must be in (0, 1] or null, got {self.layer_decay}",
+        )
         _require(
             0 <= self.warmup_epochs <= self.epochs,
             f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}",

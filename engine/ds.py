@@ -120,6 +120,11 @@ class DeepSpeedConfig:
 # --------------------------------------------------------------------------
 
 
+def zero_stage(cfg: DeepSpeedConfig) -> int:
+    """The ZeRO stage the configured template runs (0 without a zero_optimization block)."""
+    return int(load_template(cfg.template).get("zero_optimization", {}).get("stage", 0))
+
+
 def available_templates() -> list[str]:
     """Names of the templates in ds_configs/ (without .json), sorted."""
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
@@ -460,11 +465,6 @@ def input_dtype(engine) -> torch.dtype:
     if engine.fp16_enabled():
         return torch.float16
     return torch.float32
-
-
-def skipped_steps(engine) -> int:
-    """Optimizer steps skipped by the fp16 loss scaler after an overflow."""
-    return int(getattr(engine, "skipped_steps", 0))
 
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) for MFU; other devices report achieved FLOP/s only.

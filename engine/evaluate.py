@@ -10,12 +10,16 @@ and left out of every accuracy; it is never replaced by another video.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
-__all__ = ["ScoreAccumulator", "gather", "summarize"]
+from datasets.sampler import ResumableDistributedSampler
+from datasets.video_dataset import EvalClips, collate_clips, normalize
+
+__all__ = ["ScoreAccumulator", "gather", "summarize", "evaluate_clips"]
 
 
 class ScoreAccumulator:
@@ -133,3 +137,47 @@ def summarize(acc: ScoreAccumulator, labels: Sequence[int], paths: Sequence[str]
         "unscored": [(paths[i], why(i)) for i, c in enumerate(counts) if c == 0],
         "partially_scored": [(paths[i], c, why(i)) for i, c in enumerate(counts) if 0 < c < expected_views],
     }
+
+
+def _max_over_ranks(value: int) -> int:
+    if not _group_active():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+@torch.no_grad()
+def evaluate_clips(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, *, num_classes: int,
+                   micro_batch: int, num_workers: int, device: torch.device, dtype: torch.dtype, mean, std,
+                   collective_forward: bool = False) -> dict:
+    """Score every video of ``dataset`` once, split over the ranks, and summarize (call on every rank).
+
+    ``forward``: normalized clips (B, C, T, H, W) of ``dtype`` -> logits (B, num_classes), in eval mode.
+    Each rank takes its exact share of the items (no padding, so no view is counted twice); per-video softmax
+    sums are combined with collectives. ``collective_forward`` (ZeRO-3, whose forward gathers parameters from
+    every rank): ranks with fewer batches, or with a batch whose videos all failed, run a forward on a blank
+    clip so that every rank calls it the same number of times.
+    """
+    world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
+    sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
+    loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
+                        num_workers=num_workers)
+    acc = ScoreAccumulator(len(dataset.records), num_classes)
+    rounds = _max_over_ranks(len(loader)) if collective_forward else len(loader)
+    blank = torch.zeros(1, 3, dataset.clip_len, dataset.size, dataset.size, dtype=dtype, device=device)
+    batches = iter(loader)
+    for _ in range(rounds):
+        batch = next(batches, None)
+        if batch is not None:
+            acc.add_failures(batch["failures"])
+        if batch is None or batch["video"] is None:
+            if collective_forward:
+                forward(blank)
+            continue
+        video = normalize(batch["video"].to(device, non_blocking=True), mean, std, dtype)
+        acc.add(forward(video).float(), batch["index"])
+    records = dataset.records
+    return summarize(gather(acc), [r.label for r in records], [r.path for r in records],
+                     expected_views=dataset.temporal_views * dataset.num_spatial_views)

@@ -33,19 +33,29 @@ class Task(Protocol):
 
     model: torch.nn.Module  # the bare model; the loop wraps it in a DeepSpeed engine
     train_set: Dataset  # items collated by collate_clips; has set_epoch(epoch)
-    layer_decay: Optional[float]  # layer-wise lr decay, or None
 
     def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The scalar loss of one collated micro-batch (already on the device)."""
 
+    def after_step(self, engine, step: int) -> None:
+        """After optimizer step ``step`` (counted from 1): EMA updates, per-step task schedules."""
+
     def train_flops_per_clip(self) -> float:
         """Model FLOPs of one clip's forward + backward, for throughput and MFU."""
 
-    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> None:
-        """Task-specific work after an epoch (pictures, evaluation); called on every rank."""
+    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> Optional[dict]:
+        """Task-specific work after an epoch (pictures, validation), called on every rank; returns metrics to
+        log at the current step, or None."""
+
+    def state_dict(self) -> dict:
+        """Task state that a resumed run needs besides the engine's (EMA weights, best score so far); equal
+        on every rank, saved with the checkpoint."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned (called before the first step of a resumed run)."""
 
     def finish(self, engine, output_dir: str) -> None:
-        """After the last step and its checkpoint (exports); called on every rank."""
+        """After the last step and its checkpoint (exports, tests); called on every rank."""
 
 
 @dataclass
@@ -100,7 +110,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     if info.is_main:
         save_config(cfg, out, derived)
     ds_config = ds.build_ds_config(cfg.ds, cfg.batch, derived, cfg.optim.clip_grad)
-    optimizer = build_optimizer(task.model, cfg.optim, task.layer_decay)
+    optimizer = build_optimizer(task.model, cfg.optim, cfg.optim.layer_decay)
     log.info("parameter groups:\n%s", describe_groups(optimizer.param_groups))
     if ds.offloads_optimizer(ds_config):
         optimizer = ds.cpu_adam_like(optimizer)
@@ -113,7 +123,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + info.rank)  # masks
     sampler = ResumableDistributedSampler(len(task.train_set), info.world_size, info.rank, seed=cfg.run.seed)
 
-    state = _resume(engine, out, sampler, generator)
+    state = _resume(engine, out, sampler, generator, task)
     if state.step >= derived.total_steps:
         log.info("the run in %s is complete (%d steps); nothing to do", out, state.step)
         return state
@@ -151,22 +161,25 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                 throughput.add(batch["video"].shape[0], data_wait)
                 if boundary:
                     state.step += 1
+                    task.after_step(engine, state.step)
                     if progress:
                         progress.update(state.step)
                     if state.step % cfg.run.log_every == 0 or state.step == derived.total_steps:
                         _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures)
                     if cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
-                        _save(engine, out, state, sampler, generator, cfg.run.keep_last)
+                        _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
                 waited = time.perf_counter()
             state.epoch += 1
             state.consumed = 0
-            task.on_epoch_end(engine, state.epoch, out, generator)
+            epoch_metrics = task.on_epoch_end(engine, state.epoch, out, generator)
+            if epoch_metrics:
+                metrics.write(state.step, {"epoch": state.epoch, **epoch_metrics})
             last = state.step >= derived.total_steps
             if last or state.epoch % cfg.run.save_every_epochs == 0:
                 if loss is not None:
                     _check_finite(engine, loss.item(), state.step)
-                _save(engine, out, state, sampler, generator, cfg.run.keep_last)
+                _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
     finally:
         metrics.close()
         if progress:
@@ -196,20 +209,22 @@ def _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures)
     metrics.write(state.step, record)
 
 
-def _save(engine, out, state: TrainState, sampler, generator, keep_last: int) -> None:
-    client = {"train_state": asdict(state), "sampler": sampler.state_dict(state.consumed)}
+def _save(engine, out, state: TrainState, sampler, generator, task: Task, keep_last: int) -> None:
+    client = {"train_state": asdict(state), "sampler": sampler.state_dict(state.consumed),
+              "task": task.state_dict()}
     rank_state = {"rng": checkpoint.rng_states(), "generator": generator.get_state()}
     path = checkpoint.save_checkpoint(engine, out, state.step, client, keep_last, rank_state=rank_state)
     log.info("saved %s", path)
 
 
-def _resume(engine, out, sampler, generator) -> TrainState:
+def _resume(engine, out, sampler, generator, task: Task) -> TrainState:
     loaded = checkpoint.load_latest(engine, out)
     if loaded is None:
         return TrainState()
     client, rank_state = loaded
     state = TrainState(**client["train_state"])
     sampler.load_state_dict(client["sampler"])
+    task.load_state_dict(client.get("task", {}))
     if rank_state is not None:
         checkpoint.restore_rng_states(rank_state["rng"])
         generator.set_state(rank_state["generator"])

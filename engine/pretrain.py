@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from datasets.video_dataset import DataConfig, TrainClips, collate_clips, load_records, normalize
+from datasets.video_dataset import DataConfig, collate_clips, normalize
 from engine import checkpoint, ds
 from engine.config import BatchConfig, Derived, OptimConfig, RunConfig, derive
-from engine.dist import barrier, is_main_process
+from engine.data import train_clips
+from engine.dist import is_main_process
 from engine.metrics import read_metrics
 from engine.pictures import reconstruction_from_prediction, save_loss_curve
 from models.masking import MaskConfig, build_mask_generator
@@ -46,31 +48,14 @@ def build_model_and_masks(cfg: PretrainConfig):
     return model, build_mask_generator(cfg.mask, cfg.model.encoder.grid)
 
 
-def build_train_clips(cfg: PretrainConfig) -> TrainClips:
-    """uint8 training clips shaped for the encoder: its frame count and input size.
-
-    Rank 0 reads (and for the built-in dataset, generates) the data first; the others wait, then read.
-    """
-    if not is_main_process():
-        barrier()
-    records = load_records(cfg.data, "train")
-    if is_main_process():
-        barrier()
-    encoder = cfg.model.encoder
-    return TrainClips(records, cfg.data, clip_len=encoder.num_frames, size=encoder.img_size,
-                      repeats=cfg.batch.repeats, seed=cfg.run.seed)
-
-
 class PretrainTask:
     """VideoMAE / MAE-ST pre-training for ``engine.loop.train``."""
-
-    layer_decay = None
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
         self.model, self.masks = build_model_and_masks(cfg)
-        self.train_set = build_train_clips(cfg)
+        self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
 
     def _inputs(self, engine, video_uint8: torch.Tensor, generator: torch.Generator):
         video = normalize(video_uint8, self.cfg.data.mean, self.cfg.data.std, ds.input_dtype(engine))
@@ -81,15 +66,25 @@ class PretrainTask:
         loss, _, _ = engine(*self._inputs(engine, batch["video"], generator))
         return loss
 
+    def after_step(self, engine, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def train_flops_per_clip(self) -> float:
         masks = self.masks
         decoded = masks.num_decoder_kept if self.cfg.mask.decoder_kind != "none" else None
         return 3 * self.model.forward_flops(self.cfg.model.encoder.grid, masks.num_visible, decoded)
 
-    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> None:
+    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> Optional[dict]:
         every = self.cfg.run.vis_every_epochs
         if every and epoch % every == 0:
             self.save_pictures(engine, Path(output_dir) / "vis" / f"epoch_{epoch:04d}.png")
+        return None
 
     def save_pictures(self, engine, path: Path) -> None:
         """Reconstructions of the first training videos under fixed masks. Every rank runs the forward (ZeRO-3

@@ -21,7 +21,8 @@ from datasets.video_dataset import collate_clips, normalize  # noqa: E402
 from engine.checkpoint import load_weights  # noqa: E402
 from engine.config import config_from_cli  # noqa: E402
 from engine.pictures import save_reconstructions  # noqa: E402
-from engine.pretrain import PretrainConfig, build_model_and_masks, build_train_clips  # noqa: E402
+from engine.data import train_clips  # noqa: E402
+from engine.pretrain import PretrainConfig, build_model_and_masks  # noqa: E402
 from models.convert import official_to_pretrain  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     model, masks = build_model_and_masks(cfg)
     state, _ = official_to_pretrain(read_state_dict(Path(flags["weights"])))
     model.load_state_dict(state)
-    dataset = build_train_clips(cfg)
+    dataset = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
     batch = collate_clips([dataset[i] for i in range(min(int(flags.get("videos", 4)), len(dataset)))])
     if batch["video"] is None:
         raise SystemExit("none of the first videos could be read: " + "; ".join(f.reason for f in batch["failures"]))
