@@ -17,7 +17,7 @@ setup(
     # `models` must never be shadowed by (or shadow) anything but this repository's folders.
     packages=find_packages(include=["engine", "engine.*", "models", "models.*", "datasets", "datasets.*"]),
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.6",  # safe_globals / weights_only loading of official checkpoints
         "torchvision",
         "deepspeed>=0.14",
         "timm>=1.0",

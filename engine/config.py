@@ -394,9 +394,24 @@ def _build(cls: type, data: Any, path: str, sources: _Sources) -> Any:
     _reject_missing_required(data, fields, path, sources)
     hints = typing.get_type_hints(cls)
     kwargs = {
-        name: _coerce(value, hints[name], _join(path, name), sources) for name, value in data.items()
+        name: _coerce(_over_field_default(fields[name], value), hints[name], _join(path, name), sources)
+        for name, value in data.items()
     }
     return _construct(cls, kwargs, path, sources)
+
+
+def _over_field_default(f: dataclasses.Field, value: Any) -> Any:
+    """A section given as a mapping overrides the *field's* default, not its class's: a root config may
+    default a section differently (fine-tuning's ``train_augment`` is a ``finetune`` pipeline, ``eval_augment``
+    an ``eval`` one), and a recipe that sets one key of it keeps the rest of that default."""
+    if not isinstance(value, Mapping) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    merged = _to_plain(default, f.name)
+    _deep_merge(merged, value)
+    return merged
 
 
 def _init_fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -86,6 +86,11 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def device(self) -> torch.device:
+        """This process's CUDA device when CUDA is available, else the CPU."""
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
 
 # --------------------------------------------------------------------------
 # Reading the launch environment (pure)

@@ -503,3 +503,28 @@ def cpu_adam_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     defaults = optimizer.defaults
     return DeepSpeedCPUAdam(optimizer.param_groups, lr=defaults["lr"], betas=defaults["betas"],
                             eps=defaults["eps"], weight_decay=defaults["weight_decay"], adamw_mode=True)
+
+
+def checkpoint_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoint files (loss-scaler settings, the ZeRO stage enum,
+    addresses of optimizer-state fragments): records whose unpickling runs no code chosen by the file, for
+    ``torch.serialization.safe_globals``."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def fp32_state_dict_from_checkpoint(root: str | os.PathLike, tag: str) -> dict[str, torch.Tensor]:
+    """The weights in the DeepSpeed checkpoint ``root/tag`` on disk, no engine needed: under ZeRO 1-3 the fp32
+    master weights gathered from every rank's partition; under ZeRO-0, which saves no partitions to map back to
+    names, the module's weights as fp32 (what ``consolidated_fp32_state_dict`` exports for it too)."""
+    directory = Path(root) / tag
+    if not any(directory.glob("*_optim_states.pt")):
+        states = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        return {name: tensor.float() for name, tensor in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    return {name: tensor.float() for name, tensor in state.items()}

@@ -113,3 +113,223 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.ema.decay is not None and ds.zero_stage(self.ds) == 3:
             raise ValueError("ema.decay needs whole parameters on every rank: use ZeRO stage 0-2, or no EMA")
+        if self.mixup.enabled and (self.batch.micro_batch * self.batch.repeats) % 2:
+            raise ValueError(f"mixup/cutmix pairs clips: batch.micro_batch x batch.repeats must be even, got "
+                             f"{self.batch.micro_batch} x {self.batch.repeats}")
+        if self.data.num_classes is not None and self.data.num_classes != self.model.num_classes:
+            raise ValueError(f"data.num_classes {self.data.num_classes} differs from model.num_classes "
+                             f"{self.model.num_classes}")
+
+
+def derive_finetune(cfg: FinetuneConfig, world_size: int, num_train_samples: Optional[int] = None) -> Derived:
+    return derive(cfg.batch, cfg.optim, world_size, num_train_samples=num_train_samples,
+                  token_grid=cfg.model.encoder.grid)
+
+
+def build_initial_model(cfg: FinetuneModelConfig):
+    """The classifier, with the weights of ``cfg.init`` when set (a fresh head where they have none)."""
+    model = build_classifier(cfg)
+    if cfg.init:
+        report = load_into_classifier(model, checkpoint.read_checkpoint(cfg.init))
+        log.info("initial weights from %s: %s", cfg.init, report)
+    else:
+        log.info("training from scratch (model.init is not set)")
+    return model
+
+
+def load_trained_model(cfg: FinetuneModelConfig, path: str):
+    """A classifier holding fine-tuned weights: unlike ``build_initial_model``, a missing head is an error."""
+    model = build_classifier(cfg)
+    report = load_into_classifier(model, checkpoint.read_checkpoint(path))
+    if report.fresh:
+        raise ValueError(f"{path} has no classification head for {cfg.num_classes} classes (it lacks "
+                         f"{', '.join(report.fresh)}): these weights are not fine-tuned for this task")
+    return model
+
+
+def multiview_test_set(cfg: FinetuneConfig, split: str = "test") -> EvalClips:
+    """The multi-view test set (``data.test_temporal_views`` × ``data.eval_augment.num_spatial_views``)."""
+    encoder = cfg.model.encoder
+    return EvalClips(read_split(cfg.data, split), cfg.data, clip_len=encoder.num_frames, size=encoder.img_size)
+
+
+def validation_set(cfg: FinetuneConfig) -> EvalClips:
+    """The validation set: one temporal view and one centre crop per video, deterministic."""
+    data = replace(cfg.data, eval_augment=replace(cfg.data.eval_augment, num_spatial_views=1))
+    encoder = cfg.model.encoder
+    return EvalClips(read_split(cfg.data, "val"), data, clip_len=encoder.num_frames, size=encoder.img_size,
+                     temporal_views=1)
+
+
+def score(cfg: FinetuneConfig, forward, dataset: EvalClips, device: torch.device, dtype: torch.dtype,
+          collective_forward: bool = False) -> dict:
+    """``engine.evaluate.evaluate_clips`` with this run's batch, workers and normalization."""
+    return evaluate_clips(forward, dataset, num_classes=cfg.model.num_classes, micro_batch=cfg.eval.micro_batch,
+                          num_workers=cfg.batch.num_workers, device=device, dtype=dtype, mean=cfg.data.mean,
+                          std=cfg.data.std, collective_forward=collective_forward)
+
+
+def describe_scores(title: str, summary: dict) -> str:
+    """A few lines for the log: accuracies, how many videos were scored, which could not be read."""
+    lines = [f"{title}: top-1 {100 * summary['top1']:.2f}  top-5 {100 * summary['top5']:.2f}  mean class "
+             f"{100 * summary['mean_class_accuracy']:.2f}  ({summary['num_scored']} of {summary['num_videos']} "
+             "videos scored)"]
+    lines += [f"  unreadable: {path}: {reason}" for path, reason in summary["unscored"]]
+    lines += [f"  partly scored ({views} views): {path}: {reason}" for path, views, reason in
+              summary["partially_scored"]]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# What a run exports: the last weights, the best-validated weights, for the model and its EMA.
+EXPORTS = {"model": ("weights.pt", "best.pt"), "ema": ("weights_ema.pt", "best_ema.pt")}
+
+
+class FinetuneTask:
+    """Classification fine-tuning for ``engine.loop.train``: validation every ``eval.every_epochs`` with the
+    best weights exported, and the multi-view test of the last weights (model and EMA) at the end."""
+
+    def __init__(self, cfg: FinetuneConfig, world_size: int):
+        self.cfg = cfg
+        torch.manual_seed(cfg.run.seed)  # the same fresh head on every rank and in every run
+        self.model = build_initial_model(cfg.model)
+        self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
+        self.derived = derive_finetune(cfg, world_size, num_train_samples=len(self.train_set))
+        self.mixup = build_mixup(cfg.mixup, cfg.model.num_classes)
+        self.ema = None
+        if cfg.ema.decay is not None:
+            from timm.utils import ModelEmaV3
+
+            # float32 whatever the engine's precision: a 0.9999 average vanishes in bf16 steps.
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema.decay, dtype=torch.float32)
+        self.val_set = validation_set(cfg) if cfg.eval.every_epochs else None
+        self.step = 0  # optimizer steps taken: the position of the mask-ratio schedule
+        self.best: dict[str, float] = {}  # variant -> best validation top-1 so far
+        self._masks: dict[int, object] = {}  # hidden-token count -> mask generator
+
+    # ---- training --------------------------------------------------------------------------------------------
+
+    def _mask(self, batch: int, device: torch.device, generator: torch.Generator) -> Optional[torch.Tensor]:
+        """MAE-ST fine-tuning mask for the current step, or None once the annealed ratio hides no token."""
+        grid = self.cfg.model.encoder.grid
+        num_tokens = math.prod(grid)
+        hidden = int(num_tokens * self.cfg.mask.ratio_at(self.step, self.derived.total_steps))
+        if hidden == 0:
+            return None
+        if hidden not in self._masks:
+            # the midpoint ratio truncates back to exactly `hidden` tokens
+            ratio = (hidden + 0.5) / num_tokens
+            self._masks[hidden] = build_mask_generator(MaskConfig(kind=self.cfg.mask.kind, ratio=ratio), grid)
+        mask, _ = self._masks[hidden](batch, device=device, generator=generator)
+        return mask
+
+    def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        video = normalize(batch["video"], self.cfg.data.mean, self.cfg.data.std, ds.input_dtype(engine))
+        targets = batch["label"]
+        if self.mixup is not None:
+            if video.shape[0] % 2:  # an unreadable video left an odd batch: mixup pairs clips
+                video, targets = video[:-1], targets[:-1]
+            video, targets = self.mixup(video, targets)
+        logits = engine(video, self._mask(video.shape[0], video.device, generator))
+        return classification_loss(logits.float(), targets, self.cfg.mixup.label_smoothing)
+
+    def after_step(self, engine, step: int) -> None:
+        self.step = step
+        if self.ema is not None:
+            self._ema_to(engine.device)
+            self.ema.update(engine.module, step=step)
+
+    def _ema_to(self, device: torch.device) -> None:
+        if next(self.ema.module.parameters()).device != device:
+            self.ema.module.to(device)
+
+    def train_flops_per_clip(self) -> float:
+        # Dense count: annealed masking makes the first epochs cheaper than this.
+        return 3 * self.model.forward_flops(self.cfg.model.encoder.grid)
+
+    def state_dict(self) -> dict:
+        state = {"step": self.step, "best": dict(self.best)}
+        if self.ema is not None:
+            state["ema"] = {k: v.cpu() for k, v in self.ema.module.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state.get("step", 0)
+        self.best = dict(state.get("best", {}))
+        if self.ema is not None and "ema" in state:
+            self.ema.module.load_state_dict(state["ema"])
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+
+    def _variants(self, engine):
+        """(name, forward, input dtype, collective forward) of what is evaluated: the model, and its EMA."""
+        yield "model", engine, ds.input_dtype(engine), engine.zero_optimization_stage() == 3
+        if self.ema is not None:
+            self._ema_to(engine.device)
+            yield "ema", self.ema.module, torch.float32, False
+
+    def _weights(self, engine, variant: str) -> dict[str, torch.Tensor]:
+        """Whole weights of a variant (a collective under ZeRO-3: call on every rank)."""
+        if variant == "ema":
+            return {k: v.detach().float().cpu() for k, v in self.ema.module.state_dict().items()}
+        return ds.full_parameters(engine)
+
+    def _score_all(self, engine, dataset: EvalClips) -> dict[str, dict]:
+        engine.eval()
+        try:
+            return {name: score(self.cfg, forward, dataset, engine.device, dtype, collective)
+                    for name, forward, dtype, collective in self._variants(engine)}
+        finally:
+            engine.train()
+
+    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> Optional[dict]:
+        every = self.cfg.eval.every_epochs
+        if self.val_set is None or (epoch % every and epoch < self.cfg.optim.epochs):
+            return None
+        record = {}
+        for name, summary in self._score_all(engine, self.val_set).items():
+            log.info("%s", describe_scores(f"epoch {epoch} validation ({name})", summary))
+            prefix = "val" if name == "model" else f"val_{name}"
+            record.update({f"{prefix}_top1": summary["top1"], f"{prefix}_top5": summary["top5"],
+                           f"{prefix}_unreadable": len(summary["unscored"])})
+            if summary["top1"] > self.best.get(name, -1.0):
+                self.best[name] = summary["top1"]
+                weights = self._weights(engine, name)
+                if is_main_process():
+                    path = checkpoint.export_weights(weights, Path(output_dir) / EXPORTS[name][1])
+                    log.info("new best %s validation top-1 %.2f: wrote %s", name, 100 * summary["top1"], path)
+        return record
+
+    def finish(self, engine, output_dir: str) -> None:
+        """Export the last weights (fp32, whole), then run the multi-view test on them and the EMA's."""
+        out = Path(output_dir)
+        step = checkpoint.latest_complete(out)
+        weights = ds.consolidated_fp32_state_dict(engine, str(checkpoint.checkpoint_root(out)),
+                                                  checkpoint.step_tag(step))
+        if is_main_process():
+            checkpoint.export_weights(weights, out / EXPORTS["model"][0])
+        if self.ema is not None:
+            ema_weights = self._weights(engine, "ema")
+            if is_main_process():
+                checkpoint.export_weights(ema_weights, out / EXPORTS["ema"][0])
+        if not self.cfg.eval.final_test:
+            return
+        results = self._score_all(engine, multiview_test_set(self.cfg))
+        views = f"{self.cfg.data.test_temporal_views}x{self.cfg.data.eval_augment.num_spatial_views} views"
+        for name, summary in results.items():
+            log.info("%s", describe_scores(f"test, {views} ({name})", summary))
+        if is_main_process():
+            write_json(out / "test_results.json", {"step": step, "views": views, **results})
+            log.info("wrote %s", out / "test_results.json")
+
+
+def evaluate_weights(cfg: FinetuneConfig, path: str, device: torch.device) -> dict:
+    """The multi-view test of fine-tuned weights, without training (``finetune.py --eval-only``); every rank
+    calls it, each scoring its share."""
+    model = load_trained_model(cfg.model, path).to(device).eval()
+    return score(cfg, model, multiview_test_set(cfg), device, torch.float32)

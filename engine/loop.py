@@ -7,11 +7,13 @@ sampler, checkpoints with exact resume, metrics and the non-finite-loss stop.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import torch
@@ -125,7 +127,9 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
 
     state = _resume(engine, out, sampler, generator, task)
     if state.step >= derived.total_steps:
-        log.info("the run in %s is complete (%d steps); nothing to do", out, state.step)
+        log.info("the run in %s is complete (%d steps)", out, state.step)
+        if _finished_step(out) != state.step:  # a run killed after its last checkpoint, before its exports
+            _finish(task, engine, out, state.step, info)
         return state
     log.info("training from step %d to %d (%d per epoch, epoch %d)", state.step, derived.total_steps,
              derived.steps_per_epoch, state.epoch)
@@ -184,8 +188,24 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
         metrics.close()
         if progress:
             progress.close()
-    task.finish(engine, out)
+    _finish(task, engine, out, state.step, info)
     return state
+
+
+def _finished_marker(out) -> Path:
+    return Path(out) / "finished.json"
+
+
+def _finished_step(out) -> Optional[int]:
+    """The step whose exports (``Task.finish``) completed, or None."""
+    marker = _finished_marker(out)
+    return json.loads(marker.read_text())["step"] if marker.exists() else None
+
+
+def _finish(task: Task, engine, out, step: int, info: DistInfo) -> None:
+    task.finish(engine, out)
+    if info.is_main:
+        _finished_marker(out).write_text(json.dumps({"step": step}) + "\n")
 
 
 def _check_finite(engine, value: float, step: int) -> None:

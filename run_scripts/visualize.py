@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
 from datasets.video_dataset import collate_clips, normalize  # noqa: E402
-from engine.checkpoint import load_weights  # noqa: E402
+from engine.checkpoint import read_checkpoint  # noqa: E402
 from engine.config import config_from_cli  # noqa: E402
 from engine.pictures import save_reconstructions  # noqa: E402
 from engine.data import train_clips  # noqa: E402
@@ -26,22 +26,12 @@ from engine.pretrain import PretrainConfig, build_model_and_masks  # noqa: E402
 from models.convert import official_to_pretrain  # noqa: E402
 
 
-def read_state_dict(path: Path) -> dict:
-    if path.is_dir():  # a DeepSpeed step directory
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    if path.suffix == ".safetensors" or path.name == "weights.pt":
-        return load_weights(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def main(argv=None) -> int:
     cfg, flags = config_from_cli(PretrainConfig, argv)
     if "weights" not in flags:
         raise SystemExit("usage: visualize.py --config RECIPE --weights=PATH [--out=PNG] [--videos=N] [--seed=S]")
     model, masks = build_model_and_masks(cfg)
-    state, _ = official_to_pretrain(read_state_dict(Path(flags["weights"])))
+    state, _ = official_to_pretrain(read_checkpoint(flags["weights"]))
     model.load_state_dict(state)
     dataset = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
     batch = collate_clips([dataset[i] for i in range(min(int(flags.get("videos", 4)), len(dataset)))])

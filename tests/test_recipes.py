@@ -1,39 +1,176 @@
-"""Every recipe under run_scripts/configs/ loads strictly and holds only differences from the defaults."""
+"""Every recipe under run_scripts/configs/ loads strictly, holds only differences from the defaults of its folder's
+root config, and follows the conventions its name promises (architecture, dataset, test protocol)."""
 
+import dataclasses
 import pathlib
+import re
 
 import pytest
 import yaml
 
 from engine.config import load_config
+from engine.finetune import FinetuneConfig
 from engine.pretrain import PretrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "run_scripts" / "configs"
-ROOT_CONFIG_OF_FOLDER = {"pretrain": PretrainConfig}
+ROOT_CONFIG_OF_FOLDER = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
 
+# Paper recipes are named <method>_<size>_<dataset>.yaml; others (tiny_cpu) are free-form and skip the name checks.
+PAPER_RECIPE = re.compile(r"(?P<method>videomae|maest)_(?P<size>[sblh])_(?P<dataset>k400|ssv2|ucf101|hmdb51)")
+ARCH_OF_SIZE = {"s": "vit_small", "b": "vit_base", "l": "vit_large", "h": "vit_huge"}
+CLASSES_OF_DATASET = {"k400": 400, "ssv2": 174, "ucf101": 101, "hmdb51": 51}
+# Encoder fields that decide the shapes of the weights: a fine-tuning recipe must agree with the pre-training
+# recipe of the same name on all of them, or the pre-trained export does not load into its classifier.
+WEIGHT_SHAPING_FIELDS = ("arch", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "tubelet_size",
+                         "in_chans", "qkv_bias", "layer_scale_init", "pos_embed", "cls_token")
 
-def test_there_are_recipes():
-    assert RECIPES
+
+def _folder(path):
+    return path.relative_to(CONFIGS).parts[0]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(CONFIGS)))
+def _id(path):
+    return str(path.relative_to(CONFIGS))
+
+
+def _load(path):
+    return load_config(ROOT_CONFIG_OF_FOLDER[_folder(path)], str(path))
+
+
+def _paper_name(path):
+    return PAPER_RECIPE.fullmatch(path.stem)
+
+
+FINETUNE_RECIPES = [p for p in RECIPES if _folder(p) == "finetune"]
+PAPER_RECIPES = [p for p in RECIPES if _paper_name(p)]
+PAPER_FINETUNE_RECIPES = [p for p in FINETUNE_RECIPES if _paper_name(p)]
+
+
+@pytest.mark.parametrize("folder", sorted(ROOT_CONFIG_OF_FOLDER))
+def test_there_are_recipes(folder):
+    assert any(_folder(p) == folder for p in RECIPES), f"no recipes in {folder}/"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_id)
 def test_recipe_loads_strictly(path):
-    folder = path.relative_to(CONFIGS).parts[0]
+    folder = _folder(path)
     assert folder in ROOT_CONFIG_OF_FOLDER, f"no root config registered for recipes in {folder}/"
-    load_config(ROOT_CONFIG_OF_FOLDER[folder], str(path))
-    # A recipe holds only differences: none of its values may merely repeat a default.
-    defaults = ROOT_CONFIG_OF_FOLDER[folder]()
-    assert_no_redundant_values(yaml.safe_load(path.read_text()) or {}, defaults, path.name)
+    assert_only_differences(path, ROOT_CONFIG_OF_FOLDER[folder])
 
 
-def assert_no_redundant_values(data: dict, defaults, where: str, prefix=""):
+def assert_only_differences(path, root_cls):
+    """A recipe holds only differences: none of its values may merely repeat a default.
+
+    Values are compared after loading (a yaml ``5e-4`` is the string '5e-4' until the loader coerces it, a list
+    becomes a tuple), against the defaults of the *root* config: a finetune recipe's defaults are
+    FinetuneConfig's (e.g. drop_path 0.1, blr 1e-3), not those of the nested dataclasses on their own.
+    """
+    loaded = load_config(root_cls, str(path))
+    _assert_no_redundant_values(yaml.safe_load(path.read_text()) or {}, loaded, root_cls(), path.name)
+
+
+def _assert_no_redundant_values(data: dict, loaded, defaults, where: str, prefix=""):
     for key, value in data.items():
-        default = getattr(defaults, key)
+        default, actual = getattr(defaults, key), getattr(loaded, key)
         if isinstance(value, dict) and default is None:
             continue  # an optional section switched on: its presence is the difference
-        if isinstance(value, dict):
-            assert_no_redundant_values(value, default, where, f"{prefix}{key}.")
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            _assert_no_redundant_values(value, actual, default, where, f"{prefix}{key}.")
         else:
-            assert value != default, f"{where}: {prefix}{key} repeats its default"
+            assert actual != default, f"{where}: {prefix}{key} repeats its default {default!r}"
+
+
+@pytest.mark.parametrize("root_cls, text", [
+    (FinetuneConfig, "model:\n  encoder:\n    drop_path: 0.1\n"),  # FinetuneConfig's default, not ViTConfig's
+    (FinetuneConfig, "optim:\n  blr: 1e-3\n"),  # a string in yaml, 1e-3 once loaded
+    (FinetuneConfig, "data:\n  train_augment:\n    rrc_scale: [0.08, 1.0]\n"),  # a list in yaml, a tuple loaded
+    (PretrainConfig, "optim:\n  blr: 1.5e-4\n"),
+])
+def test_redundancy_check_catches_repeated_defaults(tmp_path, root_cls, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(AssertionError, match="repeats its default"):
+        assert_only_differences(path, root_cls)
+
+
+def test_redundancy_check_accepts_differences(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model:\n  encoder:\n    drop_path: 0.0\noptim:\n  blr: 5e-4\n")  # 0.0 is ViTConfig's default
+    assert_only_differences(path, FinetuneConfig)
+
+
+def test_output_dirs_are_distinct():
+    """Two recipes writing into one folder would resume or overwrite each other's checkpoints."""
+    owners = {}
+    for path in RECIPES:
+        output_dir = _load(path).run.output_dir
+        assert output_dir not in owners, f"{_id(path)} and {owners[output_dir]} share run.output_dir {output_dir}"
+        owners[output_dir] = _id(path)
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=_id)
+def test_architecture_matches_file_name(path):
+    expected = ARCH_OF_SIZE[_paper_name(path)["size"]]
+    assert _load(path).model.encoder.arch == expected, f"{path.name}: model.encoder.arch is not {expected}"
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=_id)
+def test_method_conventions(path):
+    """VideoMAE: fixed sin-cos table, no cls token. MAE-ST: learnable separable position embeddings."""
+    encoder = _load(path).model.encoder
+    if _paper_name(path)["method"] == "maest":
+        assert encoder.pos_embed == "separable"
+    else:
+        assert (encoder.pos_embed, encoder.cls_token) == ("sincos", False)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "ssv2" in p.stem], ids=_id)
+def test_ssv2_recipes_do_not_flip(path):
+    assert not _load(path).data.train_augment.flip, f"{path.name}: SSv2 labels say left/right, flip must be off"
+
+
+@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=_id)
+def test_num_classes_agree(path):
+    cfg = _load(path)
+    assert cfg.data.num_classes == cfg.model.num_classes, (
+        f"{path.name}: data.num_classes={cfg.data.num_classes} (the label check) must equal "
+        f"model.num_classes={cfg.model.num_classes} (the head)")
+
+
+@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=_id)
+def test_test_views(path):
+    cfg = _load(path)
+    views = cfg.data.test_temporal_views * cfg.data.eval_augment.num_spatial_views
+    assert views >= 1
+    if cfg.data.eval_augment.num_spatial_views == 3:
+        # VideoMAE / MAE-ST 3-crop testing: the short side is resized to the input size, crops slide along the long one
+        assert cfg.data.eval_augment.short_side == cfg.model.encoder.img_size, (
+            f"{path.name}: 3 crops need eval_augment.short_side = img_size = {cfg.model.encoder.img_size}")
+
+
+@pytest.mark.parametrize("path", PAPER_FINETUNE_RECIPES, ids=_id)
+def test_paper_finetune_protocol(path):
+    name, cfg = _paper_name(path), _load(path)
+    dataset = name["dataset"]
+    assert cfg.model.num_classes == CLASSES_OF_DATASET[dataset], f"{path.name}: {dataset} has " \
+                                                                 f"{CLASSES_OF_DATASET[dataset]} classes"
+    # every paper reports multi-view tests (K temporal clips x 3 crops)
+    assert cfg.eval.final_test and cfg.data.test_temporal_views > 1 and cfg.data.eval_augment.num_spatial_views == 3
+    # SSv2 is sampled TSN-style (one frame per segment), the others densely at a fixed stride
+    assert cfg.data.sampling == ("segments" if dataset == "ssv2" else "dense")
+    # peak lr = blr x videos / 256 in VideoMAE; MAE-ST fine-tuning counts every repeated clip
+    assert cfg.optim.lr_scale_with_repeats == (name["method"] == "maest"), (
+        f"{path.name}: optim.lr_scale_with_repeats must be {name['method'] == 'maest'} for {name['method']}")
+    assert cfg.optim.lr is None, f"{path.name}: set optim.blr (per 256), not an absolute lr"
+    assert cfg.data.train_list and cfg.data.val_list
+
+
+@pytest.mark.parametrize("path", [p for p in FINETUNE_RECIPES if (CONFIGS / "pretrain" / p.name).exists()], ids=_id)
+def test_finetune_encoder_matches_its_pretraining(path):
+    finetune, pretrain = _load(path).model.encoder, _load(CONFIGS / "pretrain" / path.name).model.encoder
+    for name in WEIGHT_SHAPING_FIELDS:
+        assert getattr(finetune, name) == getattr(pretrain, name), (
+            f"{path.name}: model.encoder.{name} is {getattr(finetune, name)!r} here but "
+            f"{getattr(pretrain, name)!r} in pretrain/{path.name}: the pre-trained weights would not load")

@@ -1,0 +1,196 @@
+"""Fine-tuning end to end on CPU through the real entry point: validation, best/last/EMA exports, the
+multi-view test (one rank and two), an unreadable test video reported, resume equality with an EMA, and
+--eval-only."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import checkpoint_root, complete_steps, step_tag
+from engine.config import ConfigError, load_config
+from engine.finetune import FinetuneConfig, FinetuneMaskConfig
+from engine.optim import build_optimizer
+from models.vit import build_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "run_scripts" / "configs" / "finetune" / "tiny_cpu.yaml"
+SCRIPT = ROOT / "run_scripts" / "finetune.py"
+SPEC = "{num_videos: 40, frames: 16, num_classes: 4}"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The synthetic dataset, plus a test list with one corrupt video among the real ones."""
+    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
+    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    lines = (root / "val.csv").read_text().splitlines()
+    (root / "test_with_broken.csv").write_text("\n".join(lines[:4] + ["broken.mp4 1"] + lines[4:]) + "\n")
+    return root
+
+
+def command(out: Path, data_root: Path, *overrides: str, launcher=(sys.executable,)) -> list[str]:
+    return [*launcher, str(SCRIPT), "--config", str(RECIPE), f"run.output_dir={out}", f"data.root={data_root}",
+            f"data.synthetic={SPEC}", "model.num_classes=4", "data.num_classes=4", "batch.micro_batch=4",
+            "optim.epochs=2", "eval.every_epochs=1", "run.save_every_epochs=1", "run.log_every=1", "ema.decay=0.9",
+            *overrides]
+
+
+def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("finetune") / "run"
+    run(command(out, data_root))
+    return out
+
+
+def test_a_run_validates_exports_and_tests_every_video_once(finished_run):
+    out = finished_run
+    for name in ("config.yaml", "metrics.jsonl", "weights.pt", "best.pt", "weights_ema.pt", "best_ema.pt",
+                 "test_results.json", "finished.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "test_results.json").read_text())
+    assert results["views"] == "2x3 views"
+    for variant in ("model", "ema"):
+        summary = results[variant]
+        assert summary["num_videos"] == summary["num_scored"] == 8  # 20% of 40 synthetic videos
+        assert not summary["unscored"] and not summary["partially_scored"]
+        assert 0 <= summary["top1"] <= summary["top5"] <= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if "val_top1" in r]
+    assert [r["epoch"] for r in validations] == [1, 2]
+    assert all("val_ema_top1" in r for r in validations)
+    # The EMA is its own set of weights, not a copy of the model's.
+    model, ema = weights(out / "weights.pt"), weights(out / "weights_ema.pt")
+    assert model.keys() == ema.keys()
+    assert any(not torch.equal(model[k], ema[k]) for k in model)
+
+
+def test_a_complete_run_is_not_trained_or_tested_again(finished_run, data_root):
+    before = (finished_run / "test_results.json").stat().st_mtime_ns
+    again = run(command(finished_run, data_root))
+    assert "is complete" in again.stdout + again.stderr
+    assert (finished_run / "test_results.json").stat().st_mtime_ns == before
+
+
+def test_eval_only_reproduces_the_final_test(finished_run, data_root):
+    run(command(finished_run, data_root, "--eval-only"))
+    evaluated = json.loads((finished_run / "eval_weights.json").read_text())["model"]
+    tested = json.loads((finished_run / "test_results.json").read_text())["model"]
+    for key in ("top1", "top5", "mean_class_accuracy", "num_scored"):
+        assert evaluated[key] == pytest.approx(tested[key]), key
+
+
+def test_an_unreadable_test_video_is_listed_on_one_and_two_ranks_alike(finished_run, data_root, tmp_path):
+    """9 videos x 3 temporal views = 27 items: an uneven split over two ranks; every video is scored once and
+    the broken one is reported, not replaced."""
+    overrides = ("--eval-only", f"--weights={finished_run / 'weights.pt'}",
+                 f"data.test_list={data_root / 'test_with_broken.csv'}", "data.test_temporal_views=3")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(command(one, data_root, *overrides))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631")
+    run(command(two, data_root, *overrides, launcher=torchrun))
+    single = json.loads((one / "eval_weights.json").read_text())["model"]
+    double = json.loads((two / "eval_weights.json").read_text())["model"]
+    assert single["num_videos"] == 9 and single["num_scored"] == 8
+    assert [path for path, _ in single["unscored"]] == [str(data_root / "broken.mp4")]
+    assert not single["partially_scored"]
+    assert double["num_scored"] == 8 and double["unscored"] == single["unscored"]
+    for key in ("top1", "top5", "mean_class_accuracy"):
+        assert double[key] == pytest.approx(single[key], abs=1e-12), key
+
+
+def test_resuming_from_an_earlier_checkpoint_gives_the_same_model_and_ema(finished_run, data_root, tmp_path):
+    """Drop the last checkpoint and the exports: the rerun replays epoch 2 from step 1's checkpoint (model,
+    optimizer, sampler, RNGs, EMA and best score) and must end with identical weights."""
+    out = tmp_path / "run"
+    run(command(out, data_root))
+    reference = {name: weights(out / name) for name in ("weights.pt", "weights_ema.pt")}
+    steps = complete_steps(out)
+    assert len(steps) == 2
+    import shutil
+
+    shutil.rmtree(checkpoint_root(out) / step_tag(steps[-1]))
+    for name in ("weights.pt", "weights_ema.pt", "test_results.json", "finished.json"):
+        (out / name).unlink()
+    again = run(command(out, data_root))
+    assert f"resumed from step {steps[0]}" in again.stdout + again.stderr
+    for name, expected in reference.items():
+        got = weights(out / name)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
+def test_from_pretrained_weights_of_another_frame_count(tmp_path, data_root):
+    """A 16-frame pre-training export fine-tunes at 8 frames (the sin-cos table is rebuilt)."""
+    from engine.checkpoint import export_weights
+    from models.videomae import PretrainModelConfig, VideoMAE
+    from models.vit import ViTConfig
+
+    pretrained = VideoMAE(PretrainModelConfig(encoder=ViTConfig(arch="vit_debug", num_frames=16, img_size=64)))
+    export_weights(pretrained.state_dict(), tmp_path / "pre.pt")
+    out = tmp_path / "run"
+    result = run(command(out, data_root, f"model.init={tmp_path / 'pre.pt'}", "optim.epochs=1",
+                         "eval.final_test=false"))
+    log = result.stdout + result.stderr
+    assert "initial weights from" in log and "fresh: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in log
+    tuned = weights(out / "weights.pt")
+    assert tuned["patch_embed.proj.weight"].shape == pretrained.state_dict()["encoder.patch_embed.proj.weight"].shape
+
+
+# ---- configuration -----------------------------------------------------------------------------------------
+
+
+def test_the_fine_tuning_defaults_have_videomae_layer_decay_groups():
+    cfg = FinetuneConfig()
+    model = build_classifier(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim, cfg.optim.layer_decay)
+    scales = {group["lr_scale"] for group in optimizer.param_groups}
+    depth = model.depth
+    assert scales == {0.75 ** (depth + 1 - i) for i in range(depth + 2)}  # depth + 2 layer ids
+    scale_of = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale_of[id(named["patch_embed.proj.weight"])] == pytest.approx(0.75 ** (depth + 1))
+    assert scale_of[id(named["blocks.0.mlp.fc1.weight"])] == pytest.approx(0.75 ** depth)
+    assert scale_of[id(named["head.weight"])] == scale_of[id(named["fc_norm.weight"])] == 1.0
+
+
+def test_a_recipe_section_overrides_the_fine_tuning_defaults_not_the_class_defaults():
+    cfg = load_config(FinetuneConfig, str(RECIPE))
+    assert cfg.data.train_augment.kind == "finetune" and cfg.data.eval_augment.kind == "eval"
+    assert cfg.model.encoder.drop_path == 0.1  # the fine-tuning default survives `model.encoder.arch=...`
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch.micro_batch=3"], "must be even"),
+    (["data.num_classes=7"], "differs from model.num_classes"),
+    (["ds.template=zero3_fp32"], "ema.decay needs whole parameters"),
+    (["mask.start_ratio=1.0"], "start_ratio"),
+])
+def test_inconsistent_settings_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(FinetuneConfig, str(RECIPE), ["ema.decay=0.99", "mixup.mixup_alpha=0.8", *overrides])
+
+
+def test_fine_tuning_mask_ratio_anneals_from_its_start_to_zero_on_a_cosine():
+    mask = FinetuneMaskConfig(start_ratio=0.5)
+    ratios = [mask.ratio_at(step, 100) for step in range(101)]
+    assert ratios[0] == 0.5 and ratios[-1] == pytest.approx(0.0, abs=1e-12)
+    assert ratios[50] == pytest.approx(0.25)
+    assert all(a >= b for a, b in zip(ratios, ratios[1:]))
+    assert ratios[25] == pytest.approx(0.25 * (1 + math.cos(math.pi / 4)))
