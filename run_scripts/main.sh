@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job, from a fresh machine: sets up .venv if needed, then pre-trains a tiny VideoMAE on CPU
-# (DeepSpeed, built-in synthetic dataset). Running it again resumes, or reports that the run is complete.
-# Extra arguments are config overrides, e.g. `bash run_scripts/main.sh optim.epochs=20 mask.kind=random`.
+# The main job, from a fresh machine: sets up .venv if needed, then runs the whole story on CPU on the built-in
+# synthetic dataset: pre-train a tiny VideoMAE, fine-tune it, fine-tune the same model from scratch with the
+# same budget, test both and print the table (run_scripts/transfer_demo.py). Running it again resumes, or
+# reports each stage complete. Extra arguments go to transfer_demo.py, e.g.
+# `bash run_scripts/main.sh --pretrain-epochs 10 --finetune-epochs 5` for a quicker, weaker run.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/run_scripts/bootstrap.sh"
 cd "$root"
-exec .venv/bin/python run_scripts/pretrain.py --config run_scripts/configs/pretrain/tiny_cpu.yaml "$@"
+exec .venv/bin/python run_scripts/transfer_demo.py "$@"

@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: the pre-training recipe's")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the fine-tuning recipe's")
     parser.add_argument("--nproc", type=int, default=1, help="processes per stage (torchrun)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every stage (repeatable), e.g. --set data.root=DIR")
+    parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the two fine-tuning stages only (repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out)
 
@@ -58,12 +62,13 @@ def main(argv=None) -> int:
         return [f"optim.epochs={value}"] if value else []
 
     stage("pretrain.py", PRETRAIN_RECIPE, args.nproc, f"run.output_dir={out / 'pretrain'}",
-          *epochs(args.pretrain_epochs))
+          *epochs(args.pretrain_epochs), *args.set)
     runs = {"pre-trained (VideoMAE)": out / "finetune_pretrained", "scratch": out / "finetune_scratch"}
     stage("finetune.py", FINETUNE_RECIPE, args.nproc, f"run.output_dir={runs['pre-trained (VideoMAE)']}",
-          f"model.init={out / 'pretrain' / 'weights.pt'}", *epochs(args.finetune_epochs))
+          f"model.init={out / 'pretrain' / 'weights.pt'}", *epochs(args.finetune_epochs), *args.set,
+          *args.finetune_set)
     stage("finetune.py", FINETUNE_RECIPE, args.nproc, f"run.output_dir={runs['scratch']}",
-          *epochs(args.finetune_epochs))
+          *epochs(args.finetune_epochs), *args.set, *args.finetune_set)
 
     results = {name: json.loads((path / "test_results.json").read_text()) for name, path in runs.items()}
     views = next(iter(results.values()))["views"]

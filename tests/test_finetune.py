@@ -153,6 +153,18 @@ def test_from_pretrained_weights_of_another_frame_count(tmp_path, data_root):
     assert tuned["patch_embed.proj.weight"].shape == pretrained.state_dict()["encoder.patch_embed.proj.weight"].shape
 
 
+def test_zero3_on_two_ranks_validates_and_tests_with_collective_forwards(tmp_path, data_root):
+    """ZeRO-3 gathers parameters in every forward: with an uneven split of the views every rank must still make
+    the same number of forwards, or the run hangs (the timeout would fail this test)."""
+    out = tmp_path / "run"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29632")
+    run(command(out, data_root, "ds.template=zero3_fp32", "ema.decay=null", "optim.epochs=1",
+                "data.test_temporal_views=3", launcher=torchrun), timeout=400)
+    results = json.loads((out / "test_results.json").read_text())
+    assert set(results) == {"step", "views", "model"}
+    assert results["model"]["num_scored"] == 8 and not results["model"]["partially_scored"]
+
+
 # ---- configuration -----------------------------------------------------------------------------------------
 
 
@@ -194,3 +206,19 @@ def test_fine_tuning_mask_ratio_anneals_from_its_start_to_zero_on_a_cosine():
     assert ratios[50] == pytest.approx(0.25)
     assert all(a >= b for a, b in zip(ratios, ratios[1:]))
     assert ratios[25] == pytest.approx(0.25 * (1 + math.cos(math.pi / 4)))
+
+
+def test_the_main_job_runs_the_whole_story_and_prints_the_table(tmp_path, data_root):
+    """transfer_demo.py: pre-train, fine-tune from it and from scratch, test both, one table (tiny budget)."""
+    overrides = [f"--set=data.root={data_root}", f"--set=data.synthetic={SPEC}", "--set=batch.micro_batch=4"]
+    finetune_only = ["model.num_classes=4", "data.num_classes=4", "eval.every_epochs=1"]
+    out = tmp_path / "demo"
+    result = run([sys.executable, str(ROOT / "run_scripts" / "transfer_demo.py"), "--out", str(out),
+                  "--pretrain-epochs", "1", "--finetune-epochs", "1", *overrides,
+                  *(f"--finetune-set={o}" for o in finetune_only)], timeout=600)
+    table = (out / "summary.md").read_text()
+    assert table in result.stdout
+    rows = [line for line in table.splitlines() if line.startswith("| pre-trained") or line.startswith("| scratch")]
+    assert len(rows) == 2 and all(line.endswith("| 8/8 |") for line in rows)
+    assert "model.init" not in (out / "finetune_scratch" / "config.yaml").read_text().replace("init: null", "")
+    assert str(out / "pretrain" / "weights.pt") in (out / "finetune_pretrained" / "config.yaml").read_text()
