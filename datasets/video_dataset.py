@@ -53,6 +53,9 @@ class DataConfig:
     eval_augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(kind="eval"))  # test views
     mean: tuple[float, ...] = IMAGENET_MEAN  # per-channel mean for normalization (applied on the device)
     std: tuple[float, ...] = IMAGENET_STD  # per-channel std for normalization (applied on the device)
+    # after normalization, subtract every pixel's mean over the clip's frames: what stays still (a static
+    # background) is removed and what moves remains; for motion-defined data seen by very small models
+    subtract_clip_mean: bool = False
 
     def __post_init__(self):
         if self.sampling_rate < 1 or self.test_temporal_views < 1:
@@ -177,13 +180,23 @@ class EvalClips(_ClipSource):
         return {"video": crops.transpose(1, 2).contiguous(), "label": record.label, "index": index, "view": view}
 
 
-def normalize(video: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 clips (B, C, T, H, W) → ``dtype`` scaled to [0, 1] and normalized per channel; run on the device,
-    so workers ship 4× fewer bytes than float32 would take."""
+def normalize(video: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32,
+              subtract_clip_mean: bool = False) -> torch.Tensor:
+    """uint8 clips (B, C, T, H, W) → ``dtype`` scaled to [0, 1] and normalized per channel (and, with
+    ``subtract_clip_mean``, minus each pixel's mean over the T frames); run on the device, so workers ship 4×
+    fewer bytes than float32 would take."""
     shape = (1, -1, 1, 1, 1)
     mean = torch.as_tensor(mean, device=video.device).view(shape)
     std = torch.as_tensor(std, device=video.device).view(shape)
-    return ((video.float() / 255 - mean) / std).to(dtype)
+    out = (video.float() / 255 - mean) / std
+    if subtract_clip_mean:
+        out = out - out.mean(dim=2, keepdim=True)
+    return out.to(dtype)
+
+
+def model_input(video: torch.Tensor, cfg: DataConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What the model sees of uint8 clips (B, C, T, H, W): ``normalize`` with the settings of ``cfg``."""
+    return normalize(video, cfg.mean, cfg.std, dtype, cfg.subtract_clip_mean)
 
 
 def _take(frames: torch.Tensor, positions: list[int]) -> torch.Tensor:

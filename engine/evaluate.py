@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from datasets.sampler import ResumableDistributedSampler
-from datasets.video_dataset import EvalClips, collate_clips, normalize
+from datasets.video_dataset import EvalClips, collate_clips, model_input
 
 __all__ = ["ScoreAccumulator", "gather", "summarize", "evaluate_clips"]
 
@@ -150,11 +150,11 @@ def _max_over_ranks(value: int) -> int:
 
 @torch.no_grad()
 def evaluate_clips(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, *, num_classes: int,
-                   micro_batch: int, num_workers: int, device: torch.device, dtype: torch.dtype, mean, std,
+                   micro_batch: int, num_workers: int, device: torch.device, dtype: torch.dtype,
                    collective_forward: bool = False) -> dict:
     """Score every video of ``dataset`` once, split over the ranks, and summarize (call on every rank).
 
-    ``forward``: normalized clips (B, C, T, H, W) of ``dtype`` -> logits (B, num_classes), in eval mode.
+    ``forward``: clips (B, C, T, H, W) of ``dtype``, normalized as ``dataset.cfg`` says, -> logits (B, num_classes), in eval mode.
     Each rank takes its exact share of the items (no padding, so no view is counted twice); per-video softmax
     sums are combined with collectives. ``collective_forward`` (ZeRO-3, whose forward gathers parameters from
     every rank): ranks with fewer batches, or with a batch whose videos all failed, run a forward on a blank
@@ -176,7 +176,7 @@ def evaluate_clips(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Eva
             if collective_forward:
                 forward(blank)
             continue
-        video = normalize(batch["video"].to(device, non_blocking=True), mean, std, dtype)
+        video = model_input(batch["video"].to(device, non_blocking=True), dataset.cfg, dtype)
         acc.add(forward(video).float(), batch["index"])
     records = dataset.records
     return summarize(gather(acc), [r.label for r in records], [r.path for r in records],

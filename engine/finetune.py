@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import torch
 
 from datasets.transforms import AugmentConfig
-from datasets.video_dataset import DataConfig, EvalClips, normalize
+from datasets.video_dataset import DataConfig, EvalClips, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, Derived, OptimConfig, RunConfig, derive
 from engine.data import read_split, train_clips
@@ -165,8 +165,8 @@ def score(cfg: FinetuneConfig, forward, dataset: EvalClips, device: torch.device
           collective_forward: bool = False) -> dict:
     """``engine.evaluate.evaluate_clips`` with this run's batch, workers and normalization."""
     return evaluate_clips(forward, dataset, num_classes=cfg.model.num_classes, micro_batch=cfg.eval.micro_batch,
-                          num_workers=cfg.batch.num_workers, device=device, dtype=dtype, mean=cfg.data.mean,
-                          std=cfg.data.std, collective_forward=collective_forward)
+                          num_workers=cfg.batch.num_workers, device=device, dtype=dtype,
+                          collective_forward=collective_forward)
 
 
 def describe_scores(title: str, summary: dict) -> str:
@@ -229,7 +229,7 @@ class FinetuneTask:
         return mask
 
     def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        video = normalize(batch["video"], self.cfg.data.mean, self.cfg.data.std, ds.input_dtype(engine))
+        video = model_input(batch["video"], self.cfg.data, ds.input_dtype(engine))
         targets = batch["label"]
         if self.mixup is not None:
             if video.shape[0] % 2:  # an unreadable video left an odd batch: mixup pairs clips

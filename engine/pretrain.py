@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from datasets.video_dataset import DataConfig, collate_clips, normalize
+from datasets.video_dataset import DataConfig, collate_clips, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, Derived, OptimConfig, RunConfig, derive
 from engine.data import train_clips
@@ -58,7 +58,7 @@ class PretrainTask:
         self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
 
     def _inputs(self, engine, video_uint8: torch.Tensor, generator: torch.Generator):
-        video = normalize(video_uint8, self.cfg.data.mean, self.cfg.data.std, ds.input_dtype(engine))
+        video = model_input(video_uint8, self.cfg.data, ds.input_dtype(engine))
         mask, decoder_mask = self.masks(video.shape[0], device=video.device, generator=generator)
         return video, mask, decoder_mask
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
 from datasets.annotations import VideoRecord  # noqa: E402
-from datasets.video_dataset import EvalClips, collate_clips, normalize  # noqa: E402
+from datasets.video_dataset import EvalClips, collate_clips, model_input  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 from engine.evaluate import ScoreAccumulator  # noqa: E402
 from engine.finetune import FinetuneConfig, load_trained_model  # noqa: E402
@@ -118,7 +118,7 @@ def predict(model: torch.nn.Module, cfg: FinetuneConfig, video: str, temporal_vi
     for batch in loader:
         scores.add_failures(batch["failures"])
         if batch["video"] is not None:
-            scores.add(model(normalize(batch["video"].to(device), cfg.data.mean, cfg.data.std)), batch["index"])
+            scores.add(model(model_input(batch["video"].to(device), cfg.data)), batch["index"])
     reasons = "; ".join(sorted({reason for _, _, reason in scores.failures}))
     if not scores.counts[0]:
         raise PredictError(f"cannot read {video}: {reasons}", status=1)

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
-from datasets.video_dataset import collate_clips, normalize  # noqa: E402
+from datasets.video_dataset import collate_clips, model_input  # noqa: E402
 from engine.checkpoint import read_checkpoint  # noqa: E402
 from engine.config import config_from_cli  # noqa: E402
 from engine.pictures import save_reconstructions  # noqa: E402
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     batch = collate_clips([dataset[i] for i in range(min(int(flags.get("videos", 4)), len(dataset)))])
     if batch["video"] is None:
         raise SystemExit("none of the first videos could be read: " + "; ".join(f.reason for f in batch["failures"]))
-    video = normalize(batch["video"], cfg.data.mean, cfg.data.std)
+    video = model_input(batch["video"], cfg.data)
     mask, decoder_mask = masks(video.shape[0], generator=torch.Generator().manual_seed(int(flags.get("seed", 0))))
     out = save_reconstructions(model, video, mask, flags.get("out", "reconstruction.png"), decoder_mask)
     print(f"wrote {out}")

@@ -142,7 +142,7 @@ def test_from_pretrained_weights_of_another_frame_count(tmp_path, data_root):
     from models.videomae import PretrainModelConfig, VideoMAE
     from models.vit import ViTConfig
 
-    pretrained = VideoMAE(PretrainModelConfig(encoder=ViTConfig(arch="vit_debug", num_frames=16, img_size=64)))
+    pretrained = VideoMAE(PretrainModelConfig(encoder=ViTConfig(arch="vit_debug", num_frames=16, img_size=64, patch_size=8)))
     export_weights(pretrained.state_dict(), tmp_path / "pre.pt")
     out = tmp_path / "run"
     result = run(command(out, data_root, f"model.init={tmp_path / 'pre.pt'}", "optim.epochs=1",
@@ -210,7 +210,8 @@ def test_fine_tuning_mask_ratio_anneals_from_its_start_to_zero_on_a_cosine():
 
 def test_the_main_job_runs_the_whole_story_and_prints_the_table(tmp_path, data_root):
     """transfer_demo.py: pre-train, fine-tune from it and from scratch, test both, one table (tiny budget)."""
-    overrides = [f"--set=data.root={data_root}", f"--set=data.synthetic={SPEC}", "--set=batch.micro_batch=4"]
+    overrides = [f"--set=data.root={data_root}", f"--set=data.synthetic={SPEC}", "--set=batch.micro_batch=4",
+                 "--set=optim.warmup_epochs=1"]
     finetune_only = ["model.num_classes=4", "data.num_classes=4", "eval.every_epochs=1"]
     out = tmp_path / "demo"
     result = run([sys.executable, str(ROOT / "run_scripts" / "transfer_demo.py"), "--out", str(out),

@@ -32,7 +32,8 @@ def data_root(tmp_path_factory):
 def command(out: Path, data_root: Path, *overrides: str, launcher=(sys.executable,)) -> list[str]:
     return [*launcher, str(ROOT / "run_scripts" / "pretrain.py"), "--config", str(RECIPE),
             f"run.output_dir={out}", f"data.root={data_root}", "data.synthetic={num_videos: 40, frames: 16, "
-            "num_classes: 4}", "batch.micro_batch=4", "optim.epochs=2", "run.log_every=1", "run.vis_every_epochs=1",
+            "num_classes: 4}", "batch.micro_batch=4", "optim.epochs=2", "optim.warmup_epochs=1", "run.log_every=1",
+            "run.vis_every_epochs=1",
             "run.save_every_epochs=1",
             *overrides]
 

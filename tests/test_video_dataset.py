@@ -116,3 +116,17 @@ def test_data_config_checks_the_pipeline_kinds():
         DataConfig(train_augment=AugmentConfig(kind="eval"))
     with pytest.raises(ValueError, match="eval_augment"):
         DataConfig(eval_augment=AugmentConfig(kind="multi_scale"))
+
+
+def test_subtracting_the_clip_mean_removes_what_stays_still_and_keeps_what_moves():
+    from datasets.video_dataset import DataConfig, model_input
+
+    video = torch.full((1, 3, 4, 8, 8), 90, dtype=torch.uint8)  # a static grey background
+    video[0, :, :, 2, 2] = 200  # a still bright pixel
+    for t in range(4):
+        video[0, :, t, 5, t] = 255  # a pixel moving right
+    plain = model_input(video, DataConfig())
+    moving = model_input(video, DataConfig(subtract_clip_mean=True))
+    assert torch.allclose(moving, plain - plain.mean(dim=2, keepdim=True))
+    assert moving[0, :, :, 2, 2].abs().max() < 1e-6 and moving[0, :, :, 0, 7].abs().max() < 1e-6
+    assert moving[0, 0, 0, 5, 0] > 0 and moving[0, 0, 1, 5, 0] < 0  # the mover left pixel (5, 0) after t = 0
