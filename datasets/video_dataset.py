@@ -163,6 +163,11 @@ class EvalClips(_ClipSource):
     def __len__(self) -> int:
         return len(self.records) * self.temporal_views
 
+    @property
+    def views_per_video(self) -> int:
+        """Clips a video is scored on when nothing fails: temporal views × spatial crops."""
+        return self.temporal_views * self.num_spatial_views
+
     def _choose(self, num_frames: int, view: int) -> list[list[int]]:
         cfg, k = self.cfg, self.temporal_views
         if cfg.sampling == "segments":

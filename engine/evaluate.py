@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import EvalClips, collate_clips, model_input
 
-__all__ = ["ScoreAccumulator", "gather", "summarize", "evaluate_clips"]
+__all__ = ["ScoreAccumulator", "gather", "summarize", "score_views", "evaluate_clips"]
 
 
 class ScoreAccumulator:
@@ -61,6 +61,11 @@ def _group_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _collective_device() -> torch.device:
+    """Where tensors must be for the process group's collectives: the current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
     """Combine every rank's accumulator (collective: call on all ranks); returns a new one, same on all ranks.
 
@@ -72,8 +77,7 @@ def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
     out.scores, out.counts = acc.scores.clone(), acc.counts.clone()
     failures = list(acc.failures)
     if _group_active():
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
+        device = _collective_device()
         for tensor in (out.scores, out.counts):
             buffer = tensor.to(device)
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
@@ -142,23 +146,23 @@ def summarize(acc: ScoreAccumulator, labels: Sequence[int], paths: Sequence[str]
 def _max_over_ranks(value: int) -> int:
     if not _group_active():
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor([value], device=device)
+    tensor = torch.tensor([value], device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
 
 
 @torch.no_grad()
-def evaluate_clips(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, *, num_classes: int,
-                   micro_batch: int, num_workers: int, device: torch.device, dtype: torch.dtype,
-                   collective_forward: bool = False) -> dict:
-    """Score every video of ``dataset`` once, split over the ranks, and summarize (call on every rank).
+def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, *, num_classes: int,
+                micro_batch: int, num_workers: int, device: torch.device, dtype: torch.dtype,
+                collective_forward: bool = False) -> ScoreAccumulator:
+    """Score every view of ``dataset`` once, split over the ranks; returns the gathered accumulator (call on
+    every rank).
 
-    ``forward``: clips (B, C, T, H, W) of ``dtype``, normalized as ``dataset.cfg`` says, -> logits (B, num_classes), in eval mode.
-    Each rank takes its exact share of the items (no padding, so no view is counted twice); per-video softmax
-    sums are combined with collectives. ``collective_forward`` (ZeRO-3, whose forward gathers parameters from
-    every rank): ranks with fewer batches, or with a batch whose videos all failed, run a forward on a blank
-    clip so that every rank calls it the same number of times.
+    ``forward``: clips (B, C, T, H, W) of ``dtype``, normalized as ``dataset.cfg`` says, -> logits
+    (B, num_classes), in eval mode. Each rank takes its exact share of the items (no padding, so no view is
+    counted twice); per-video softmax sums are combined with collectives. ``collective_forward`` (ZeRO-3, whose
+    forward gathers parameters from every rank): ranks with fewer batches, or with a batch whose videos all
+    failed, run a forward on a blank clip so that every rank calls it the same number of times.
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
     sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
@@ -178,6 +182,11 @@ def evaluate_clips(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Eva
             continue
         video = model_input(batch["video"].to(device, non_blocking=True), dataset.cfg, dtype)
         acc.add(forward(video).float(), batch["index"])
+    return gather(acc)
+
+
+def evaluate_clips(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, **scoring) -> dict:
+    """``summarize`` of ``score_views(forward, dataset, **scoring)`` against the dataset's labels and paths."""
     records = dataset.records
-    return summarize(gather(acc), [r.label for r in records], [r.path for r in records],
-                     expected_views=dataset.temporal_views * dataset.num_spatial_views)
+    return summarize(score_views(forward, dataset, **scoring), [r.label for r in records],
+                     [r.path for r in records], expected_views=dataset.views_per_video)

@@ -147,10 +147,10 @@ def load_trained_model(cfg: FinetuneModelConfig, path: str):
     return model
 
 
-def multiview_test_set(cfg: FinetuneConfig, split: str = "test") -> EvalClips:
+def multiview_test_set(cfg: FinetuneConfig) -> EvalClips:
     """The multi-view test set (``data.test_temporal_views`` × ``data.eval_augment.num_spatial_views``)."""
     encoder = cfg.model.encoder
-    return EvalClips(read_split(cfg.data, split), cfg.data, clip_len=encoder.num_frames, size=encoder.img_size)
+    return EvalClips(read_split(cfg.data, "test"), cfg.data, clip_len=encoder.num_frames, size=encoder.img_size)
 
 
 def validation_set(cfg: FinetuneConfig) -> EvalClips:

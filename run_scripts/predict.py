@@ -23,14 +23,13 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
 from datasets.annotations import VideoRecord  # noqa: E402
-from datasets.video_dataset import EvalClips, collate_clips, model_input  # noqa: E402
+from datasets.video_dataset import EvalClips  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
-from engine.evaluate import ScoreAccumulator  # noqa: E402
+from engine.evaluate import score_views  # noqa: E402
 from engine.finetune import FinetuneConfig, load_trained_model  # noqa: E402
 from engine.pretrain import PretrainConfig  # noqa: E402
 
@@ -111,18 +110,14 @@ def predict(model: torch.nn.Module, cfg: FinetuneConfig, video: str, temporal_vi
     encoder = cfg.model.encoder
     clips = EvalClips([VideoRecord(path=os.path.abspath(video))], cfg.data, clip_len=encoder.num_frames,
                       size=encoder.img_size, temporal_views=temporal_views)
-    expected = clips.temporal_views * clips.num_spatial_views
-    loader = DataLoader(clips, batch_size=cfg.eval.micro_batch, collate_fn=collate_clips)
-    scores = ScoreAccumulator(1, cfg.model.num_classes)
-    model = model.to(device)
-    for batch in loader:
-        scores.add_failures(batch["failures"])
-        if batch["video"] is not None:
-            scores.add(model(model_input(batch["video"].to(device), cfg.data)), batch["index"])
+    scores = score_views(model.to(device), clips, num_classes=cfg.model.num_classes,
+                         micro_batch=cfg.eval.micro_batch, num_workers=0, device=torch.device(device),
+                         dtype=torch.float32)
     reasons = "; ".join(sorted({reason for _, _, reason in scores.failures}))
     if not scores.counts[0]:
         raise PredictError(f"cannot read {video}: {reasons}", status=1)
     if reasons:
+        expected = clips.views_per_video
         print(f"warning: {expected - int(scores.counts[0])} of {expected} views of {video} could not be read: "
               f"{reasons}", file=sys.stderr)
     return scores.scores[0] / scores.counts[0], int(scores.counts[0]), clips
@@ -148,7 +143,7 @@ def main(argv=None) -> int:
     except PredictError as err:
         print(err, file=sys.stderr)
         return err.status
-    expected = clips.temporal_views * clips.num_spatial_views
+    expected = clips.views_per_video
     views = f"{scored} views" if scored == expected else f"{scored} of {expected} views"
     print(f"{args.video}: {views} ({clips.temporal_views} temporal x {clips.num_spatial_views} spatial)")
     print("\n".join(format_topk(probs, names, args.topk)))
