@@ -161,6 +161,11 @@ class RunConfig:
     compile: bool = False
     # number of most recent periodic checkpoints to keep on disk
     keep_last: int = 2
+    # on this signal: checkpoint after the current step, requeue the Slurm job, exit (sbatch --signal=USR1@180);
+    # "" = not handled
+    requeue_signal: str = "SIGUSR1"
+    # on this signal: checkpoint after the current step and exit, no requeue (scancel, preemption, time limit)
+    stop_signal: str = "SIGTERM"
 
     def __post_init__(self) -> None:
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
@@ -173,6 +178,9 @@ class RunConfig:
         _require(self.vis_every_epochs >= 0, f"vis_every_epochs must be >= 0, got {self.vis_every_epochs}")
         # The newest checkpoint may be the one a dying job was writing: keep one more.
         _require(self.keep_last >= 2, f"keep_last must be >= 2, got {self.keep_last}")
+        from engine.preempt import PreemptionGuard
+
+        PreemptionGuard(self.requeue_signal, self.stop_signal)  # names checked at load time, not at the signal
 
 
 def _require(condition: bool, message: str) -> None:

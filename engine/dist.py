@@ -40,6 +40,7 @@ __all__ = [
     "detect_launch",
     "expand_hostlist",
     "slurm_port",
+    "slurm_rendezvous",
     "backend_name",
     "init_distributed",
     "is_main_process",
@@ -168,6 +169,15 @@ def _from_slurm_env(env: Mapping[str, str]) -> DistInfo:
     rank = _env_int(env, "SLURM_PROCID", minimum=0)
     _check_rank(rank, world_size, "SLURM_PROCID", count_key)
     local_rank = _env_int(env, "SLURM_LOCALID", minimum=0) if "SLURM_LOCALID" in env else 0
+    addr, port = slurm_rendezvous(env, required=world_size > 1)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, master_addr=addr,
+                    master_port=port, launcher="srun")
+
+
+def slurm_rendezvous(env: Mapping[str, str] = os.environ, required: bool = True) -> tuple[str, Optional[int]]:
+    """MASTER_ADDR and MASTER_PORT of a Slurm job: the exported values if set, else the first host of the node
+    list and ``slurm_port(SLURM_JOB_ID)``. Without the Slurm variables: an error when ``required``, else
+    (127.0.0.1, None)."""
     if env.get("MASTER_ADDR"):
         addr = env["MASTER_ADDR"]
     else:
@@ -175,7 +185,7 @@ def _from_slurm_env(env: Mapping[str, str]) -> DistInfo:
             (k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)), None
         )
         if nodelist_key is None:
-            if world_size > 1:
+            if required:
                 raise ValueError(
                     "srun task without SLURM_STEP_NODELIST, SLURM_JOB_NODELIST or SLURM_NODELIST: "
                     "export MASTER_ADDR=<host of rank 0>"
@@ -191,12 +201,11 @@ def _from_slurm_env(env: Mapping[str, str]) -> DistInfo:
     elif env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"):
         key = "SLURM_JOB_ID" if env.get("SLURM_JOB_ID") else "SLURM_JOBID"
         port = slurm_port(_env_int(env, key, minimum=0))
-    elif world_size > 1:
+    elif required:
         raise ValueError("srun task without SLURM_JOB_ID: export MASTER_PORT to a free port on rank 0's host")
     else:
         port = None
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, master_addr=addr,
-                    master_port=port, launcher="srun")
+    return addr, port
 
 
 def slurm_port(job_id: int) -> int:
@@ -432,3 +441,10 @@ def setup_logging(rank: int, level: int = logging.INFO) -> logging.Logger:
     root.addHandler(handler)
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
     return root
+
+
+if __name__ == "__main__":
+    # For launch scripts (run_scripts/slurm/train.sbatch): eval "$(python -m engine.dist)" exports the rendezvous
+    # of the current Slurm job, by the same rule the srun tasks use.
+    master_addr, master_port = slurm_rendezvous(os.environ)
+    print(f"export MASTER_ADDR={master_addr} MASTER_PORT={master_port}")

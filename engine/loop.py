@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import collate_clips
-from engine import checkpoint, ds
+from engine import checkpoint, ds, preempt
 from engine.config import Derived, save_config
-from engine.dist import DistInfo
+from engine.dist import DistInfo, barrier
 from engine.metrics import MetricsWriter, Throughput, peak_memory_gib, utilization
 from engine.optim import Schedules, apply_schedules, build_optimizer, describe_groups
 
@@ -67,8 +67,22 @@ class TrainState:
     consumed: int = 0  # this rank's sampler indices used in the current epoch
 
 
-class NonFiniteLoss(RuntimeError):
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last step; entry points log the message and exit with ``exit_code``."""
+
+    exit_code = 1
+    log_level = logging.ERROR
+
+
+class NonFiniteLoss(TrainingStopped):
     pass
+
+
+class Preempted(TrainingStopped):
+    """Stopped on a requeue / stop signal after a complete checkpoint (see engine.preempt)."""
+
+    exit_code = preempt.PREEMPTED_EXIT_CODE
+    log_level = logging.WARNING
 
 
 class ProgressLine:
@@ -134,6 +148,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     log.info("training from step %d to %d (%d per epoch, epoch %d)", state.step, derived.total_steps,
              derived.steps_per_epoch, state.epoch)
 
+    guard = preempt.install(cfg.run.requeue_signal, cfg.run.stop_signal)
     metrics = MetricsWriter(out, enabled=info.is_main)
     throughput, failures = Throughput(), 0
     flops = task.train_flops_per_clip()
@@ -173,6 +188,12 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                     if cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
                         _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
+                    request = guard.poll(device)
+                    if request is not None and state.step < derived.total_steps:
+                        if checkpoint.latest_complete(out) != state.step:
+                            _check_finite(engine, loss.item(), state.step)
+                            _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
+                        raise _preempted(request, state.step, info)
                 waited = time.perf_counter()
             state.epoch += 1
             state.consumed = 0
@@ -185,11 +206,25 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                     _check_finite(engine, loss.item(), state.step)
                 _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
     finally:
+        preempt.uninstall()
         metrics.close()
         if progress:
             progress.close()
     _finish(task, engine, out, state.step, info)
     return state
+
+
+def _preempted(request: preempt.StopRequest, step: int, info: DistInfo) -> Preempted:
+    """After the checkpoint of ``step``: rank 0 requeues the Slurm job if asked to; every rank waits for that
+    before exiting, so that no rank's exit (srun --kill-on-bad-exit) can kill rank 0 before it requeued."""
+    if request.requeue and info.is_main:
+        outcome = preempt.requeue_slurm_job()
+    elif request.requeue:
+        outcome = "rank 0 requeues the job"
+    else:
+        outcome = "not requeued; run the same command again to resume"
+    barrier()
+    return Preempted(f"stopped on {request.signal_name} after step {step}, whose checkpoint is complete: {outcome}")
 
 
 def _finished_marker(out) -> Path:

@@ -29,7 +29,8 @@ from engine.finetune import (  # noqa: E402
     evaluate_weights,
     write_json,
 )
-from engine.loop import NonFiniteLoss, train  # noqa: E402
+from engine.loop import TrainingStopped, train  # noqa: E402
+from engine.preempt import install as install_preemption_handlers  # noqa: E402
 
 log = logging.getLogger("finetune")
 
@@ -48,6 +49,8 @@ def eval_only(cfg: FinetuneConfig, weights: str, info) -> int:
 
 def main(argv=None) -> int:
     cfg, flags = config_from_cli(FinetuneConfig, argv)
+    if not flags.get("eval_only"):
+        install_preemption_handlers(cfg.run.requeue_signal, cfg.run.stop_signal)  # before the slow set-up
     info = init_distributed()
     setup_logging(info.rank)
     try:
@@ -60,9 +63,9 @@ def main(argv=None) -> int:
         log.info("derived: %s", task.derived.as_dict())
         try:
             train(task, cfg, task.derived, info)
-        except NonFiniteLoss as err:
-            log.error("%s", err)
-            return 1
+        except TrainingStopped as err:
+            log.log(err.log_level, "%s", err)
+            return err.exit_code
         if info.is_main:
             log.info("outputs in %s: config.yaml, derived.yaml, metrics.jsonl, tb/, checkpoints/, weights.pt, "
                      "best.pt, test_results.json", cfg.run.output_dir)

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, i
 
 from engine.config import config_from_cli  # noqa: E402
 from engine.dist import cleanup, init_distributed, setup_logging  # noqa: E402
-from engine.loop import NonFiniteLoss, train  # noqa: E402
+from engine.loop import TrainingStopped, train  # noqa: E402
+from engine.preempt import install as install_preemption_handlers  # noqa: E402
 from engine.pretrain import PretrainConfig, PretrainTask, derive_pretrain  # noqa: E402
 
 log = logging.getLogger("pretrain")
@@ -24,6 +25,7 @@ log = logging.getLogger("pretrain")
 
 def main(argv=None) -> int:
     cfg, _ = config_from_cli(PretrainConfig, argv)
+    install_preemption_handlers(cfg.run.requeue_signal, cfg.run.stop_signal)  # before the slow set-up
     info = init_distributed()
     setup_logging(info.rank)
     try:
@@ -32,9 +34,9 @@ def main(argv=None) -> int:
         log.info("derived: %s", derived.as_dict())
         try:
             train(task, cfg, derived, info)
-        except NonFiniteLoss as err:
-            log.error("%s", err)
-            return 1
+        except TrainingStopped as err:
+            log.log(err.log_level, "%s", err)
+            return err.exit_code
         if info.is_main:
             out = Path(cfg.run.output_dir)
             log.info("outputs in %s: config.yaml, derived.yaml, metrics.jsonl, tb/, vis/, checkpoints/, weights.pt, "

@@ -1,0 +1,153 @@
+"""Stopping cleanly when the scheduler says so: checkpoint at the next step, requeue, resume.
+
+Two signals, two meanings (names from ``run.requeue_signal`` / ``run.stop_signal``):
+
+* the *requeue* signal (SIGUSR1; ``sbatch --signal=USR1@180`` sends it 180 s before the time limit, and
+  ``scancel --signal=USR1 <job>`` by hand): every rank finishes its optimizer step, a complete checkpoint is
+  written, rank 0 runs ``scontrol requeue $SLURM_JOB_ID`` and the processes exit with ``PREEMPTED_EXIT_CODE``.
+  The requeued job runs the same command, which resumes from that checkpoint.
+* the *stop* signal (SIGTERM: what ``scancel``, Slurm preemption and the time limit send, ``KillWait``
+  seconds before SIGKILL): the same checkpoint, no requeue -- a cancelled job stays cancelled; a job
+  preempted with ``PreemptMode=REQUEUE`` is requeued by Slurm itself.
+
+Ranks may receive a signal at different steps (or only some of them at all), so at every optimizer step the
+ranks agree with one all-reduce of two flags; all of them stop after the same step. A signal that arrives
+while a checkpoint is written, or during validation, is acted on at the next step. Forked DataLoader workers
+inherit the handler; in them it does nothing (their parent shuts them down), so a signal Slurm delivers to
+every process of the step does not kill a worker under the loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# EX_TEMPFAIL: "try again later" -- what a run that stopped to be resumed exits with.
+PREEMPTED_EXIT_CODE = 75
+
+
+def parse_signal(name: str) -> Optional[signal.Signals]:
+    """``"SIGUSR1"``, ``"USR1"`` or ``"usr1"`` -> signal.SIGUSR1; ``""`` -> None (disabled)."""
+    if not name:
+        return None
+    key = name.upper()
+    key = key if key.startswith("SIG") else "SIG" + key
+    if key not in signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
+        catchable = sorted(s for s in signal.Signals.__members__ if s not in ("SIGKILL", "SIGSTOP"))
+        raise ValueError(f"unknown or uncatchable signal {name!r}; one of: {', '.join(catchable)}")
+    return signal.Signals[key]
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """What the ranks agreed to do after the current step."""
+
+    requeue: bool  # a requeue signal arrived on some rank (a requeue wins over a plain stop)
+    signal_name: str  # for the log
+
+
+class PreemptionGuard:
+    """Records the requeue / stop signals in this process; ``poll`` turns them into a decision all ranks share."""
+
+    def __init__(self, requeue_signal: str = "SIGUSR1", stop_signal: str = "SIGTERM"):
+        self.requeue_signal = parse_signal(requeue_signal)
+        self.stop_signal = parse_signal(stop_signal)
+        if self.requeue_signal is not None and self.requeue_signal == self.stop_signal:
+            raise ValueError(f"requeue and stop signals are both {self.requeue_signal.name}")
+        self.received: list[signal.Signals] = []
+        self._owner = os.getpid()
+        self._previous: dict[signal.Signals, object] = {}
+
+    @property
+    def signals(self) -> list[signal.Signals]:
+        return [s for s in (self.requeue_signal, self.stop_signal) if s is not None]
+
+    def install(self) -> "PreemptionGuard":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._owner:
+            return  # a forked DataLoader worker: the training process decides
+        sig = signal.Signals(signum)
+        if sig not in self.received:
+            self.received.append(sig)
+            log.warning("received %s: the run will checkpoint after the current step%s", sig.name,
+                        " and requeue" if sig == self.requeue_signal else "")
+
+    def poll(self, device: torch.device) -> Optional[StopRequest]:
+        """Whether any rank received a signal, decided identically on every rank (a collective when there is
+        a process group of more than one rank: call it at the same step on all of them)."""
+        if not self.signals:
+            return None
+        flags = [float(self.requeue_signal in self.received), float(self.stop_signal in self.received)]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            agreed = torch.tensor(flags, device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            flags = agreed.tolist()
+        requeue, stop = (flag > 0 for flag in flags)
+        if not (requeue or stop):
+            return None
+        name = self.requeue_signal.name if requeue else self.stop_signal.name
+        return StopRequest(requeue=requeue, signal_name=name)
+
+
+def requeue_slurm_job(env=os.environ) -> str:
+    """Put this Slurm batch job back in the queue (``scontrol requeue``); returns what happened, for the log.
+
+    Slurm then ends the running allocation (the checkpoint is already complete) and starts the same batch
+    script again when resources allow (Slurm holds a requeued job for about two minutes first). The sbatch
+    script needs ``--requeue`` where the cluster's ``JobRequeue`` default is 0, and ``--open-mode=append`` to
+    keep the log of the earlier runs.
+    """
+    job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    if not job_id:
+        return "not a Slurm job: nothing requeued; run the same command again to resume"
+    command = ["scontrol", "requeue", job_id]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"'{' '.join(command)}' failed ({err}); resubmit the job to resume"
+    if result.returncode != 0:
+        return (f"'{' '.join(command)}' failed with exit code {result.returncode}: "
+                f"{(result.stderr or result.stdout).strip()}; resubmit the job to resume")
+    return f"requeued Slurm job {job_id} (restart {int(env.get('SLURM_RESTART_COUNT', 0)) + 1})"
+
+
+# The guard of this process: signal handlers are process-wide, so there is at most one. Entry points install it
+# as early as they can (a requeue signal before any handler would kill the process); the loop takes it over.
+_guard: Optional[PreemptionGuard] = None
+
+
+def install(requeue_signal: str = "SIGUSR1", stop_signal: str = "SIGTERM") -> PreemptionGuard:
+    """This process's guard for these signals, installed once (signals received so far are kept)."""
+    global _guard
+    if _guard is not None and (_guard.requeue_signal, _guard.stop_signal) != (parse_signal(requeue_signal),
+                                                                              parse_signal(stop_signal)):
+        uninstall()
+    if _guard is None:
+        _guard = PreemptionGuard(requeue_signal, stop_signal).install()
+    return _guard
+
+
+def uninstall() -> None:
+    """Restore the handlers that were there before ``install`` and forget what was received."""
+    global _guard
+    if _guard is not None:
+        _guard.uninstall()
+        _guard = None
