@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import EvalClips, collate_clips, model_input
+from engine import preempt
 
 __all__ = ["ScoreAccumulator", "gather", "summarize", "score_views", "evaluate_clips"]
 
@@ -167,7 +168,7 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
     sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
-                        num_workers=num_workers)
+                        num_workers=num_workers, worker_init_fn=preempt.shield_worker)  # validation in training
     acc = ScoreAccumulator(len(dataset.records), num_classes)
     rounds = _max_over_ranks(len(loader)) if collective_forward else len(loader)
     blank = torch.zeros(1, 3, dataset.clip_len, dataset.size, dataset.size, dtype=dtype, device=device)

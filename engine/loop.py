@@ -161,7 +161,8 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
             task.train_set.set_epoch(state.epoch)
             loader = DataLoader(task.train_set, batch_size=cfg.batch.micro_batch, sampler=sampler,
                                 collate_fn=collate_clips, num_workers=cfg.batch.num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False)
+                                pin_memory=device.type == "cuda", persistent_workers=False,
+                                worker_init_fn=preempt.shield_worker)
             micro = state.consumed // cfg.batch.micro_batch
             waited = time.perf_counter()
             for batch in loader:

@@ -13,8 +13,8 @@ Two signals, two meanings (names from ``run.requeue_signal`` / ``run.stop_signal
 Ranks may receive a signal at different steps (or only some of them at all), so at every optimizer step the
 ranks agree with one all-reduce of two flags; all of them stop after the same step. A signal that arrives
 while a checkpoint is written, or during validation, is acted on at the next step. Forked DataLoader workers
-inherit the handler; in them it does nothing (their parent shuts them down), so a signal Slurm delivers to
-every process of the step does not kill a worker under the loader.
+ignore the signals (``shield_worker``; their parent shuts them down), so a signal Slurm delivers to every process
+of the step does not kill a worker under the loader.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def parse_signal(name: str) -> Optional[signal.Signals]:
         return None
     key = name.upper()
     key = key if key.startswith("SIG") else "SIG" + key
-    if key not in signal.Signals.__members__ or key in ("SIGKILL", "SIGSTOP"):
-        catchable = sorted(s for s in signal.Signals.__members__ if s not in ("SIGKILL", "SIGSTOP"))
-        raise ValueError(f"unknown or uncatchable signal {name!r}; one of: {', '.join(catchable)}")
+    if key in ("SIGKILL", "SIGSTOP"):
+        raise ValueError(f"{key} cannot be caught; use SIGUSR1, SIGUSR2 or SIGTERM")
+    if key not in signal.Signals.__members__:
+        raise ValueError(f"unknown signal {name!r}; one of: {', '.join(sorted(signal.Signals.__members__))}")
     return signal.Signals[key]
 
 
@@ -151,3 +152,14 @@ def uninstall() -> None:
     if _guard is not None:
         _guard.uninstall()
         _guard = None
+
+
+def shield_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the DataLoaders used while training: the worker ignores the guard's signals.
+
+    Slurm signals every process of a job step, loader workers included, and torch's worker handler dies of a
+    SIGTERM that its parent did not send -- which the parent then reports as a crash before it can checkpoint.
+    The worker needs no signal: it exits when its parent shuts it down, or dies."""
+    if _guard is not None:
+        for sig in _guard.signals:
+            signal.signal(sig, signal.SIG_IGN)

@@ -74,7 +74,8 @@ MinJobAge=3600
 KillWait=30
 SchedulerParameters=sched_interval=2
 NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+# Jobs share CPUs (up to 4 per CPU), so several small jobs run side by side on a small machine.
+PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
 }
 

@@ -1,0 +1,205 @@
+"""The Slurm launch path on a real (localhost) Slurm: run_scripts/slurm/local_cluster.sh starts munged, slurmctld and
+slurmd (installing slurm-wlm and munge from Debian if they are missing and this is root with apt), and
+run_scripts/submit.py submits run_scripts/slurm/train.sbatch jobs of the tiny pre-training with two ranks on CPU
+(gloo, DeepSpeed ZeRO-2). Four jobs run side by side on the one node:
+
+* ``srun``: one task per rank, uninterrupted -- the reference;
+* ``requeued``: the same, sent ``scancel --signal=USR1`` mid-run: it checkpoints, requeues itself and finishes
+  with the reference's step count, losses and weights;
+* ``torchrun``: one task running torchrun with two workers, also equal to the reference;
+* ``cancelled``: a plain ``scancel`` (SIGTERM): it checkpoints and stays cancelled.
+
+The daemons are stopped by pid and their directory removed afterwards. Where Slurm cannot be installed the tests
+are skipped with the reason (printed in the summary: test.sh passes -rs).
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoint import complete_steps
+from engine.dist import slurm_port
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "run_scripts" / "slurm" / "local_cluster.sh"
+RECIPE = ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"
+TOTAL_STEPS = 24  # 32 training videos / (4 per rank x 2 ranks) = 4 steps per epoch, 6 epochs
+NEEDED = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue", "scancel")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Environment for the Slurm client commands of a localhost cluster started for this module."""
+    if not all(shutil.which(name) for name in NEEDED):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("SLURM TESTS NOT RUN: slurm-wlm/munge are not installed and installing them needs root and "
+                        "apt-get (run 'bash run_scripts/slurm/local_cluster.sh install' as root)")
+        install = subprocess.run(["bash", str(CLUSTER), "install"], capture_output=True, text=True, timeout=900)
+        assert install.returncode == 0, f"installing slurm-wlm and munge failed:\n{install.stdout}\n{install.stderr}"
+    env = dict(os.environ, LOCAL_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")),
+               LOCAL_SLURM_PORTS=" ".join(map(str, _free_ports(2))))
+    start = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        env["SLURM_CONF"] = str(Path(env["LOCAL_SLURM_DIR"]) / "slurm.conf")
+        yield env
+    finally:
+        subprocess.run(["scancel", "--full", "--user", str(os.getuid())], env=env, capture_output=True)
+        _wait(lambda: not _slurm(env, "squeue", "-h", check=False).strip(), 60)
+        stop = subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+
+
+def _slurm(env, *command, check=True) -> str:
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    if check:
+        assert result.returncode == 0, f"{' '.join(command)}: {result.stderr}"
+    return result.stdout
+
+
+def _wait(condition, timeout: float, interval: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+def _job(env, job_id: str) -> dict:
+    """``scontrol show job`` as a dict (JobState, Restarts, ...)."""
+    text = _slurm(env, "scontrol", "show", "job", "-o", job_id)
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
+def _losses(out: Path) -> dict:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
+
+
+def _submit(env, out: Path, data_root: Path, *options: str) -> str:
+    command = [sys.executable, str(ROOT / "run_scripts" / "submit.py"), "pretrain", "--config", str(RECIPE),
+               "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", "local",
+               "--time", "30:00", *options,
+               f"run.output_dir={out}", f"data.root={data_root}",
+               "data.synthetic={num_videos: 40, frames: 16, num_classes: 4}", "batch.micro_batch=4",
+               "optim.epochs=6", "optim.warmup_epochs=1", "run.log_every=1", "run.save_every_epochs=2",
+               "run.vis_every_epochs=0"]
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    assert f"log: {out}/slurm-{job_id}.out" in result.stdout
+    return job_id
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, tmp_path_factory):
+    """Submit the four jobs, signal two of them mid-run, wait for all; what each left behind."""
+    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+
+    base = tmp_path_factory.mktemp("jobs")
+    data_root = base / "data"
+    ensure_synthetic_dataset(data_root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
+    outs = {name: base / name for name in ("srun", "requeued", "torchrun", "cancelled")}
+    ids = {name: _submit(cluster, out, data_root, *(["--launcher", "torchrun"] if name == "torchrun" else []))
+           for name, out in outs.items()}
+    most_running = [0]  # the most of these jobs seen running at once
+
+    def watch():
+        running = _slurm(cluster, "squeue", "-h", "-t", "RUNNING", "-o", "%i").split()
+        most_running[0] = max(most_running[0], len(set(running) & set(ids.values())))
+
+    # Signal mid-run, once training is under way (a signal before the handler is installed would kill the job).
+    signalled = {}
+    for name, flag in (("requeued", "--signal=USR1"), ("cancelled", None)):
+        step = _wait(lambda: watch() or max(_losses(outs[name]), default=0) >= 3 and max(_losses(outs[name])), 600)
+        assert step, f"job {name} did not reach step 3: {_job(cluster, ids[name])}"
+        _slurm(cluster, *(["scancel", flag, ids[name]] if flag else ["scancel", ids[name]]))
+        signalled[name] = step
+    # Slurm holds a requeued job for ~2 minutes (its BeginTime); release it now to keep the test short.
+    assert _wait(lambda: _job(cluster, ids["requeued"]).get("Restarts") == "1", 120), "the job did not requeue"
+    _slurm(cluster, "scontrol", "update", f"JobId={ids['requeued']}", "StartTime=now")
+
+    def all_done():
+        watch()
+        states = {name: _job(cluster, job)["JobState"] for name, job in ids.items()}
+        return states if all(s in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT") for s in states.values()) else None
+
+    states = _wait(all_done, 900, interval=1)
+    assert states, {name: _job(cluster, job) for name, job in ids.items()}
+    logs = {name: (outs[name] / f"slurm-{ids[name]}.out").read_text() for name in ids}
+    return {"ids": ids, "outs": outs, "states": states, "logs": logs, "signalled": signalled,
+            "restarts": {name: _job(cluster, job)["Restarts"] for name, job in ids.items()},
+            "most_running": most_running[0]}
+
+
+def test_a_two_task_zero2_job_runs_to_completion(jobs):
+    assert jobs["states"]["srun"] == "COMPLETED", jobs["logs"]["srun"][-3000:]
+    out = jobs["outs"]["srun"]
+    assert max(_losses(out)) == TOTAL_STEPS and max(complete_steps(out)) == TOTAL_STEPS
+    assert (out / "weights.pt").is_file()
+    log = jobs["logs"]["srun"]
+    assert "'world_size': 2" in log and "zero stage ZeroStageEnum.gradients, world_size: 2" in log
+
+
+def test_the_signalled_job_requeues_itself_and_ends_equal_to_the_uninterrupted_one(jobs):
+    log = jobs["logs"]["requeued"]
+    assert jobs["states"]["requeued"] == "COMPLETED" and jobs["restarts"]["requeued"] == "1", log[-3000:]
+    stopped = re.findall(r"\[rank(\d)\] WARNING pretrain: stopped on SIGUSR1 after step (\d+), whose checkpoint is "
+                         r"complete: (.*)", log)
+    assert {rank for rank, _, _ in stopped} == {"0", "1"} and len({step for _, step, _ in stopped}) == 1, log[-3000:]
+    step = int(stopped[0][1])
+    assert jobs["signalled"]["requeued"] <= step <= jobs["signalled"]["requeued"] + 2 < TOTAL_STEPS
+    assert f"requeued Slurm job {jobs['ids']['requeued']} (restart 1)" in log
+    assert f"resumed from step {step} " in log and "(restart 1) on" in log  # the same script, started again
+
+    reference, requeued = jobs["outs"]["srun"], jobs["outs"]["requeued"]
+    assert max(complete_steps(requeued)) == TOTAL_STEPS
+    assert _losses(requeued) == _losses(reference)  # every step once, bit-identical (fp32 on CPU)
+    got, expected = (torch.load(out / "weights.pt", weights_only=True) for out in (requeued, reference))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_one_torchrun_per_node_trains_like_one_task_per_rank(jobs):
+    log = jobs["logs"]["torchrun"]
+    assert jobs["states"]["torchrun"] == "COMPLETED", log[-3000:]
+    assert "launcher torchrun" in log and "[rank1]" in log
+    assert _losses(jobs["outs"]["torchrun"]) == _losses(jobs["outs"]["srun"])
+
+
+def test_a_cancelled_job_checkpoints_and_is_not_requeued(jobs):
+    log = jobs["logs"]["cancelled"]
+    assert jobs["states"]["cancelled"] == "CANCELLED" and jobs["restarts"]["cancelled"] == "0", log[-3000:]
+    step = int(re.search(r"stopped on SIGTERM after step (\d+), whose checkpoint is complete: not requeued", log)
+               .group(1))
+    assert max(complete_steps(jobs["outs"]["cancelled"])) == step
+
+
+def test_concurrent_jobs_on_one_node_use_different_ports(jobs):
+    assert jobs["most_running"] >= 2, "the jobs never ran at the same time"
+    ports = {name: int(re.search(r"rendezvous \S+:(\d+)\)", log).group(1)) for name, log in jobs["logs"].items()}
+    assert ports == {name: slurm_port(int(job)) for name, job in jobs["ids"].items()}
+    assert len(set(ports.values())) == len(ports)
