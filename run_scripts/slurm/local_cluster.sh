@@ -10,7 +10,7 @@
 # Everything lives in LOCAL_SLURM_DIR (default /tmp/videomae-local-slurm): munge key and socket, slurm.conf,
 # state, spool, logs and pid files; nothing under /etc is touched. One node named after this host with all
 # its CPUs, one partition "local", proctrack/linuxproc and task/none (no cgroups needed), no accounting.
-# The daemons run as the invoking user; as root they may run jobs for any user.
+# Start it as root (slurmd runs each job as the user who submitted it); any user may then submit.
 # Ports: LOCAL_SLURM_PORTS="<slurmctld> <slurmd>" (default "6917 6918", outside the 10000-29999 range that
 # jobs derive their rendezvous ports from).
 set -euo pipefail
@@ -46,7 +46,7 @@ write_conf() {
 ClusterName=local
 SlurmctldHost=$node(127.0.0.1)
 SlurmUser=$(id -un)
-SlurmdUser=root
+SlurmdUser=$(id -un)
 SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 AuthType=auth/munge
@@ -83,7 +83,7 @@ start() {
   have_slurm || die "slurm-wlm/munge not installed: run '$0 install' first"
   if pid_alive "$dir/slurmctld.pid"; then echo "already running: export SLURM_CONF=$dir/slurm.conf"; return; fi
   mkdir -p "$dir/munge" "$dir/state" "$dir/spool"
-  chmod 700 "$dir/munge"
+  chmod 755 "$dir/munge"  # clients of any user reach the socket; the key inside stays 0600
   [ -s "$dir/munge/munge.key" ] || dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
   chmod 600 "$dir/munge/munge.key"
   munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
