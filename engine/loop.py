@@ -186,14 +186,13 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                         progress.update(state.step)
                     if state.step % cfg.run.log_every == 0 or state.step == derived.total_steps:
                         _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures)
-                    if cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0:
+                    periodic = cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0
+                    # The same decision on every rank (poll is a collective); the last step finishes normally.
+                    request = guard.poll(device) if state.step < derived.total_steps else None
+                    if periodic or request is not None:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
                         _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
-                    request = guard.poll(device)
-                    if request is not None and state.step < derived.total_steps:
-                        if checkpoint.latest_complete(out) != state.step:
-                            _check_finite(engine, loss.item(), state.step)
-                            _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
+                    if request is not None:
                         raise _preempted(request, state.step, info)
                 waited = time.perf_counter()
             state.epoch += 1

@@ -58,6 +58,9 @@ def cluster(tmp_path_factory):
         assert install.returncode == 0, f"installing slurm-wlm and munge failed:\n{install.stdout}\n{install.stderr}"
     env = dict(os.environ, LOCAL_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")),
                LOCAL_SLURM_PORTS=" ".join(map(str, _free_ports(2))))
+    # A submitting shell with a process's variables in it (sbatch exports them all): train.sbatch must not let
+    # every task take rank 1 and every job the same port.
+    env.update(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_ports(1)[0]))
     start = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=120)
     if start.returncode != 0 and os.geteuid() != 0:
         subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, timeout=120)
@@ -138,8 +141,15 @@ def jobs(cluster, tmp_path_factory):
 
     # Signal mid-run, once training is under way (a signal before the handler is installed would kill the job).
     signalled = {}
+    def reached(name, step):
+        watch()
+        state = _job(cluster, ids[name])["JobState"]
+        log = outs[name] / f"slurm-{ids[name]}.out"
+        assert state in ("PENDING", "RUNNING"), f"job {name} is {state}:\n{log.read_text()[-4000:]}"
+        return max(_losses(outs[name]), default=0) >= step and max(_losses(outs[name]))
+
     for name, flag in (("requeued", "--signal=USR1"), ("cancelled", None)):
-        step = _wait(lambda: watch() or max(_losses(outs[name]), default=0) >= 3 and max(_losses(outs[name])), 600)
+        step = _wait(lambda: reached(name, 3), 600)
         assert step, f"job {name} did not reach step 3: {_job(cluster, ids[name])}"
         _slurm(cluster, *(["scancel", flag, ids[name]] if flag else ["scancel", ids[name]]))
         signalled[name] = step
