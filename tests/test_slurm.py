@@ -1,12 +1,14 @@
 """The Slurm launch path on a real (localhost) Slurm: run_scripts/slurm/local_cluster.sh starts munged, slurmctld and
 slurmd (installing slurm-wlm and munge from Debian if they are missing and this is root with apt), and
 run_scripts/submit.py submits run_scripts/slurm/train.sbatch jobs of the tiny pre-training with two ranks on CPU
-(gloo, DeepSpeed ZeRO-2). Four jobs run side by side on the one node:
+(gloo, DeepSpeed ZeRO-2). The cluster has two nodes (two slurmd on this machine, "localhost" and its host name), and
+five jobs run side by side:
 
-* ``srun``: one task per rank, uninterrupted -- the reference;
-* ``requeued``: the same, sent ``scancel --signal=USR1`` mid-run: it checkpoints, requeues itself and finishes
-  with the reference's step count, losses and weights;
-* ``torchrun``: one task running torchrun with two workers, also equal to the reference;
+* ``srun``: one node, one task per rank, uninterrupted -- the reference;
+* ``requeued``: two nodes, one task each, sent ``scancel --signal=USR1`` mid-run: it checkpoints, requeues itself
+  and finishes with the reference's step count, losses and weights;
+* ``torchrun``: one node, one task running torchrun with two workers, equal to the reference;
+* ``torchrun_2nodes``: two nodes, a torchrun of one worker on each (node ranks from SLURM_NODEID), equal too;
 * ``cancelled``: a plain ``scancel`` (SIGTERM): it checkpoints and stays cancelled.
 
 The daemons are stopped by pid and their directory removed afterwards. Where Slurm cannot be installed the tests
@@ -56,8 +58,9 @@ def cluster(tmp_path_factory):
                         "apt-get (run 'bash run_scripts/slurm/local_cluster.sh install' as root)")
         install = subprocess.run(["bash", str(CLUSTER), "install"], capture_output=True, text=True, timeout=900)
         assert install.returncode == 0, f"installing slurm-wlm and munge failed:\n{install.stdout}\n{install.stderr}"
-    env = dict(os.environ, LOCAL_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")),
-               LOCAL_SLURM_PORTS=" ".join(map(str, _free_ports(2))))
+    ctld_port, slurmd_port = _free_ports(2)
+    env = dict(os.environ, LOCAL_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")), LOCAL_SLURM_NODES="2",
+               LOCAL_SLURM_PORTS=f"{ctld_port} {slurmd_port}")
     # A submitting shell with a process's variables in it (sbatch exports them all): train.sbatch must not let
     # every task take rank 1 and every job the same port.
     env.update(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_ports(1)[0]))
@@ -107,10 +110,19 @@ def _losses(out: Path) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
 
 
-def _submit(env, out: Path, data_root: Path, *options: str) -> str:
+LAYOUTS = {  # job -> submit.py options: two ranks in every case
+    "srun": ("--nodes", "1", "--tasks-per-node", "2"),
+    "requeued": ("--nodes", "2", "--tasks-per-node", "1"),
+    "torchrun": ("--nodes", "1", "--tasks-per-node", "2", "--launcher", "torchrun"),
+    "torchrun_2nodes": ("--nodes", "2", "--tasks-per-node", "1", "--launcher", "torchrun"),
+    "cancelled": ("--nodes", "1", "--tasks-per-node", "2"),
+}
+
+
+def _submit(env, out: Path, data_root: Path, layout) -> str:
     command = [sys.executable, str(ROOT / "run_scripts" / "submit.py"), "pretrain", "--config", str(RECIPE),
-               "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1", "--partition", "local",
-               "--time", "30:00", *options,
+               "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "local", "--time", "30:00", *layout,
+               "--sbatch-option=--hold",  # released together once all are queued (submitting takes seconds)
                f"run.output_dir={out}", f"data.root={data_root}",
                "data.synthetic={num_videos: 40, frames: 16, num_classes: 4}", "batch.micro_batch=4",
                "optim.epochs=6", "optim.warmup_epochs=1", "run.log_every=1", "run.save_every_epochs=2",
@@ -124,15 +136,15 @@ def _submit(env, out: Path, data_root: Path, *options: str) -> str:
 
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory):
-    """Submit the four jobs, signal two of them mid-run, wait for all; what each left behind."""
+    """Submit the five jobs, signal two of them mid-run, wait for all; what each left behind."""
     from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
 
     base = tmp_path_factory.mktemp("jobs")
     data_root = base / "data"
     ensure_synthetic_dataset(data_root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
-    outs = {name: base / name for name in ("srun", "requeued", "torchrun", "cancelled")}
-    ids = {name: _submit(cluster, out, data_root, *(["--launcher", "torchrun"] if name == "torchrun" else []))
-           for name, out in outs.items()}
+    outs = {name: base / name for name in LAYOUTS}
+    ids = {name: _submit(cluster, outs[name], data_root, layout) for name, layout in LAYOUTS.items()}
+    _slurm(cluster, "scontrol", "release", ",".join(ids.values()))
     most_running = [0]  # the most of these jobs seen running at once
 
     def watch():
@@ -188,7 +200,8 @@ def test_the_signalled_job_requeues_itself_and_ends_equal_to_the_uninterrupted_o
     step = int(stopped[0][1])
     assert jobs["signalled"]["requeued"] <= step <= jobs["signalled"]["requeued"] + 2 < TOTAL_STEPS
     assert f"requeued Slurm job {jobs['ids']['requeued']} (restart 1)" in log
-    assert f"resumed from step {step} " in log and "(restart 1) on" in log  # the same script, started again
+    assert f"resumed from step {step} " in log and "(restart 1) on localhost,vm" in log.replace(
+        os.uname().nodename.split(".")[0], "vm")  # the same script, started again, on two nodes
 
     reference, requeued = jobs["outs"]["srun"], jobs["outs"]["requeued"]
     assert max(complete_steps(requeued)) == TOTAL_STEPS
@@ -197,11 +210,12 @@ def test_the_signalled_job_requeues_itself_and_ends_equal_to_the_uninterrupted_o
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_one_torchrun_per_node_trains_like_one_task_per_rank(jobs):
-    log = jobs["logs"]["torchrun"]
-    assert jobs["states"]["torchrun"] == "COMPLETED", log[-3000:]
+@pytest.mark.parametrize("name", ["torchrun", "torchrun_2nodes"])
+def test_one_torchrun_per_node_trains_like_one_task_per_rank(jobs, name):
+    log = jobs["logs"][name]
+    assert jobs["states"][name] == "COMPLETED", log[-3000:]
     assert "launcher torchrun" in log and "[rank1]" in log
-    assert _losses(jobs["outs"]["torchrun"]) == _losses(jobs["outs"]["srun"])
+    assert _losses(jobs["outs"][name]) == _losses(jobs["outs"]["srun"])
 
 
 def test_a_cancelled_job_checkpoints_and_is_not_requeued(jobs):

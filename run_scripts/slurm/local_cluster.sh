@@ -10,14 +10,21 @@
 # Everything lives in LOCAL_SLURM_DIR (default /tmp/videomae-local-slurm): munge key and socket, slurm.conf,
 # state, spool, logs and pid files; nothing under /etc is touched. One node named after this host with all
 # its CPUs, one partition "local", proctrack/linuxproc and task/none (no cgroups needed), no accounting.
+# LOCAL_SLURM_NODES=2 adds a second node, "localhost", served by a second slurmd on this machine: multi-node jobs
+# (node lists, node ranks, a rendezvous on the first node of the list) then run here too.
 # Start it as root (slurmd runs each job as the user who submitted it); any user may then submit.
-# Ports: LOCAL_SLURM_PORTS="<slurmctld> <slurmd>" (default "6917 6918", outside the 10000-29999 range that
-# jobs derive their rendezvous ports from).
+# Ports: LOCAL_SLURM_PORTS="<slurmctld> <first slurmd>" (default "6917 6918"; a second slurmd takes the next
+# port), outside the 10000-29999 range that jobs derive their rendezvous ports from.
 set -euo pipefail
 
 dir=${LOCAL_SLURM_DIR:-/tmp/videomae-local-slurm}
 read -r ctld_port slurmd_port <<< "${LOCAL_SLURM_PORTS:-6917 6918}"
 node=$(hostname -s)
+case "${LOCAL_SLURM_NODES:-1}" in
+  1) nodes=("$node") ;;
+  2) nodes=("$node" localhost) ;;  # both names resolve to this machine, as a real node's name does
+  *) echo "local_cluster: LOCAL_SLURM_NODES must be 1 or 2" >&2; exit 1 ;;
+esac
 
 die() { echo "local_cluster: $*" >&2; exit 1; }
 
@@ -48,16 +55,15 @@ SlurmctldHost=$node(127.0.0.1)
 SlurmUser=$(id -un)
 SlurmdUser=$(id -un)
 SlurmctldPort=$ctld_port
-SlurmdPort=$slurmd_port
 AuthType=auth/munge
 AuthInfo=socket=$dir/munge/munge.socket
 CredType=cred/munge
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool/%n
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
 SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+SlurmdLogFile=$dir/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
@@ -73,10 +79,16 @@ JobRequeue=1
 MinJobAge=3600
 KillWait=30
 SchedulerParameters=sched_interval=2
-NodeName=$node NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
-# Jobs share CPUs (up to 4 per CPU), so several small jobs run side by side on a small machine.
-PartitionName=local Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
+  local i
+  for i in "${!nodes[@]}"; do
+    echo "NodeName=${nodes[$i]} NodeHostname=$node NodeAddr=127.0.0.1 Port=$((slurmd_port + i)) CPUs=$cpus" \
+      "RealMemory=$mem State=UNKNOWN" >> "$dir/slurm.conf"
+  done
+  echo "# Jobs share CPUs (up to 4 per CPU), so several small jobs run side by side on a small machine." \
+    >> "$dir/slurm.conf"
+  echo "PartitionName=local Nodes=$(IFS=,; echo "${nodes[*]}") Default=YES MaxTime=INFINITE State=UP" \
+    "OverSubscribe=FORCE:4" >> "$dir/slurm.conf"
 }
 
 start() {
@@ -91,19 +103,30 @@ start() {
     || die "munged did not start: see $dir/munged.log"
   write_conf
   slurmctld -f "$dir/slurm.conf" || die "slurmctld did not start: see $dir/slurmctld.log"
-  slurmd -f "$dir/slurm.conf" -N "$node" || die "slurmd did not start: see $dir/slurmd.log"
-  export SLURM_CONF="$dir/slurm.conf"
-  local waited=0
-  until sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; do
-    sleep 1; waited=$((waited + 1))
-    [ $waited -lt 60 ] || { status || true; die "node $node not idle after 60 s: see $dir/slurmd.log, $dir/slurmctld.log"; }
+  local name waited=0
+  for name in "${nodes[@]}"; do
+    mkdir -p "$dir/spool/$name"
+    slurmd -f "$dir/slurm.conf" -N "$name" || die "slurmd of $name did not start: see $dir/slurmd-$name.log"
   done
-  echo "local Slurm cluster up ($node, $(nproc) CPUs, partition local): export SLURM_CONF=$dir/slurm.conf"
+  export SLURM_CONF="$dir/slurm.conf"
+  until [ "$(sinfo -h -N -o '%T' 2>/dev/null | grep -cE '^(idle|mixed|allocated)')" = "${#nodes[@]}" ]; do
+    sleep 1; waited=$((waited + 1))
+    [ $waited -lt 60 ] || { status || true; die "nodes not idle after 60 s: see $dir/slurmd-*.log, $dir/slurmctld.log"; }
+  done
+  echo "local Slurm cluster up (nodes ${nodes[*]}, $(nproc) CPUs each, partition local):" \
+    "export SLURM_CONF=$dir/slurm.conf"
+}
+
+daemons() {  # pid-file stems, in the order to stop them
+  local file
+  for file in "$dir"/slurmd-*.pid; do [ -e "$file" ] && basename "$file" .pid; done
+  echo slurmctld
+  echo munged
 }
 
 status() {
   local name
-  for name in munged slurmctld slurmd; do
+  for name in $(daemons); do
     if pid_alive "$dir/$name.pid"; then echo "$name running (pid $(cat "$dir/$name.pid"))"; else echo "$name stopped"; fi
   done
   if [ -f "$dir/slurm.conf" ]; then SLURM_CONF="$dir/slurm.conf" sinfo -N -l 2>&1 || true; fi
@@ -111,7 +134,7 @@ status() {
 
 stop() {
   local name pid tries
-  for name in slurmd slurmctld munged; do
+  for name in $(daemons); do
     pid_alive "$dir/$name.pid" || continue
     pid=$(cat "$dir/$name.pid")
     kill "$pid"
