@@ -162,7 +162,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
             loader = DataLoader(task.train_set, batch_size=cfg.batch.micro_batch, sampler=sampler,
                                 collate_fn=collate_clips, num_workers=cfg.batch.num_workers,
                                 pin_memory=device.type == "cuda", persistent_workers=False,
-                                worker_init_fn=preempt.shield_worker)
+                                worker_init_fn=preempt.shield_worker, generator=_loader_seed_source(cfg, state))
             micro = state.consumed // cfg.batch.micro_batch
             waited = time.perf_counter()
             for batch in loader:
@@ -212,6 +212,14 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
             progress.close()
     _finish(task, engine, out, state.step, info)
     return state
+
+
+def _loader_seed_source(cfg, state: TrainState) -> torch.Generator:
+    """What the DataLoader draws its workers' base seed from when an epoch's iterator starts. Without it the draw
+    comes from the global torch RNG -- which drop path also uses -- and a run resumed mid-epoch, which starts an
+    extra iterator, would continue on a shifted stream. (Clips do not depend on it: they are seeded by
+    (seed, epoch, index).)"""
+    return torch.Generator().manual_seed(cfg.run.seed * 100003 + state.epoch)
 
 
 def _preempted(request: preempt.StopRequest, step: int, info: DistInfo) -> Preempted:

@@ -223,3 +223,47 @@ def test_the_main_job_runs_the_whole_story_and_prints_the_table(tmp_path, data_r
     assert len(rows) == 2 and all(line.endswith("| 8/8 |") for line in rows)
     assert "model.init" not in (out / "finetune_scratch" / "config.yaml").read_text().replace("init: null", "")
     assert str(out / "pretrain" / "weights.pt") in (out / "finetune_pretrained" / "config.yaml").read_text()
+
+
+def test_a_signal_mid_run_stops_after_a_checkpoint_and_the_rerun_ends_like_the_uninterrupted_run(
+        finished_run, data_root, tmp_path):
+    """Preemption is the loop's, so fine-tuning has it too: SIGUSR1 to every process (loader workers included, as
+    Slurm does) -> checkpoint, exit 75; the rerun resumes with the EMA and the best score and ends with the same
+    metrics, weights and test results as the uninterrupted run."""
+    import os
+    import re
+    import signal
+    import time
+
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(command(out, data_root, "batch.num_workers=1"), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and max(losses(out), default=0) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 75, output[-3000:]
+    stopped = int(re.search(r"stopped on SIGUSR1 after step (\d+)", output).group(1))
+    assert max(complete_steps(out)) == stopped < 16
+
+    run(command(out, data_root, "batch.num_workers=1"))
+    assert losses(out) == losses(finished_run)
+    validation = {name: [(r["step"], r["val_top1"], r["val_ema_top1"]) for r in records(name) if "val_top1" in r]
+                  for name in (out, finished_run)}
+    assert validation[out] == validation[finished_run]
+    for name in ("weights.pt", "weights_ema.pt", "best.pt"):
+        got, expected = weights(out / name), weights(finished_run / name)
+        assert all(torch.equal(got[k], expected[k]) for k in expected), name
+    results = [json.loads((d / "test_results.json").read_text()) for d in (out, finished_run)]
+    assert results[0]["model"]["top1"] == results[1]["model"]["top1"]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    if not (out / "metrics.jsonl").is_file():
+        return {}
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
