@@ -48,6 +48,13 @@ def test_guard_records_signals_and_restores_the_previous_handlers():
         guard.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is before
     assert PreemptionGuard("", "").poll(None) is None
+    # Clusters whose preemption sends only SIGTERM: SIGTERM requeues.
+    guard = PreemptionGuard("SIGTERM", "").install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.poll(None).requeue
+    finally:
+        guard.uninstall()
 
 
 def test_install_is_once_per_process_and_keeps_what_was_received():
