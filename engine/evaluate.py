@@ -173,7 +173,8 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     acc = ScoreAccumulator(len(dataset.records), num_classes)
     rounds = _max_over_ranks(len(loader)) if collective_forward else len(loader)
     blank = torch.zeros(1, 3, dataset.clip_len, dataset.size, dataset.size, dtype=dtype, device=device)
-    batches = iter(loader)
+    with preempt.workers_starting():
+        batches = iter(loader)
     for _ in range(rounds):
         batch = next(batches, None)
         if batch is not None:

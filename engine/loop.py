@@ -165,7 +165,9 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                                 worker_init_fn=preempt.shield_worker, generator=_loader_seed_source(cfg, state))
             micro = state.consumed // cfg.batch.micro_batch
             waited = time.perf_counter()
-            for batch in loader:
+            with preempt.workers_starting():
+                batches = iter(loader)
+            for batch in batches:
                 if micro >= micro_per_epoch or state.step >= derived.total_steps:
                     break
                 data_wait = time.perf_counter() - waited
@@ -223,8 +225,11 @@ def _loader_seed_source(cfg, state: TrainState) -> torch.Generator:
 
 
 def _preempted(request: preempt.StopRequest, step: int, info: DistInfo) -> Preempted:
-    """After the checkpoint of ``step``: rank 0 requeues the Slurm job if asked to; every rank waits for that
-    before exiting, so that no rank's exit (srun --kill-on-bad-exit) can kill rank 0 before it requeued."""
+    """After the checkpoint of ``step``: every rank says so, then rank 0 requeues the Slurm job if asked to. A
+    successful requeue ends the job at once (what is logged after it may be lost), hence the log lines first; the
+    ranks wait for rank 0 before exiting, so that no rank's exit (srun --kill-on-bad-exit) kills it first."""
+    log.warning("stopping on %s after step %d, whose checkpoint is complete", request.signal_name, step)
+    barrier()
     if request.requeue and info.is_main:
         outcome = preempt.requeue_slurm_job()
     elif request.requeue:
@@ -232,7 +237,7 @@ def _preempted(request: preempt.StopRequest, step: int, info: DistInfo) -> Preem
     else:
         outcome = "not requeued; run the same command again to resume"
     barrier()
-    return Preempted(f"stopped on {request.signal_name} after step {step}, whose checkpoint is complete: {outcome}")
+    return Preempted(f"stopped on {request.signal_name} after step {step}: {outcome}")
 
 
 def _finished_marker(out) -> Path:

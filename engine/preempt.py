@@ -13,12 +13,13 @@ Two signals, two meanings (names from ``run.requeue_signal`` / ``run.stop_signal
 Ranks may receive a signal at different steps (or only some of them at all), so at every optimizer step the
 ranks agree with one all-reduce of two flags; all of them stop after the same step. A signal that arrives
 while a checkpoint is written, or during validation, is acted on at the next step. Forked DataLoader workers
-ignore the signals (``shield_worker``; their parent shuts them down), so a signal Slurm delivers to every process
-of the step does not kill a worker under the loader.
+ignore the signals (``workers_starting`` + ``shield_worker``; their parent shuts them down), so a signal Slurm
+delivers to every process of the step does not kill a worker under the loader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -120,6 +121,10 @@ def requeue_slurm_job(env=os.environ) -> str:
     if not job_id:
         return "not a Slurm job: nothing requeued; run the same command again to resume"
     command = ["scontrol", "requeue", job_id]
+    restart = int(env.get("SLURM_RESTART_COUNT", 0)) + 1
+    # Said before: Slurm ends the job as soon as the requeue is accepted.
+    log.warning("requeueing Slurm job %s (restart %d): the job ends now and resumes from this checkpoint when it "
+                "starts again", job_id, restart)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -127,7 +132,7 @@ def requeue_slurm_job(env=os.environ) -> str:
     if result.returncode != 0:
         return (f"'{' '.join(command)}' failed with exit code {result.returncode}: "
                 f"{(result.stderr or result.stdout).strip()}; resubmit the job to resume")
-    return f"requeued Slurm job {job_id} (restart {int(env.get('SLURM_RESTART_COUNT', 0)) + 1})"
+    return f"requeued Slurm job {job_id} (restart {restart})"
 
 
 # The guard of this process: signal handlers are process-wide, so there is at most one. Entry points install it
@@ -159,7 +164,23 @@ def shield_worker(worker_id: int) -> None:
 
     Slurm signals every process of a job step, loader workers included, and torch's worker handler dies of a
     SIGTERM that its parent did not send -- which the parent then reports as a crash before it can checkpoint.
-    The worker needs no signal: it exits when its parent shuts it down, or dies."""
+    The worker needs no signal: it exits when its parent shuts it down, or dies. It was forked with the signals
+    blocked (``workers_starting``); once they are ignored, a signal that arrived meanwhile is discarded."""
     if _guard is not None:
         for sig in _guard.signals:
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _guard.signals)
+
+
+@contextlib.contextmanager
+def workers_starting():
+    """Around the start of a DataLoader iterator (which forks the workers): the guard's signals stay blocked,
+    so that none reaches a worker between torch installing its own SIGTERM handler and ``shield_worker``;
+    this process gets whatever arrived in the meantime when the block ends."""
+    signals = _guard.signals if _guard is not None else []
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if signals else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -134,7 +134,7 @@ def test_a_signal_mid_run_checkpoints_that_step_and_the_rerun_equals_the_uninter
     os.killpg(process.pid, getattr(signal, sig))  # every process, loader workers included, as Slurm does
     output, _ = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
-    stopped = int(re.search(rf"stopped on {sig} after step (\d+), whose checkpoint is complete", output).group(1))
+    stopped = int(re.search(rf"stopping on {sig} after step (\d+), whose checkpoint is complete", output).group(1))
     assert seen <= stopped <= seen + 2  # the step under way finishes; nothing after it is lost
     assert max(complete_steps(out)) == stopped and stopped < 24
     assert "nothing requeued" in output if sig == "SIGUSR1" else "run the same command again" in output
@@ -152,7 +152,7 @@ def test_two_ranks_stop_after_the_same_step_when_only_one_is_signalled(tmp_path,
     rank1 = _worker_with_rank(process.pid, 1)
     os.kill(rank1, signal.SIGUSR1)
     output, _ = process.communicate(timeout=120)
-    stopped = set(re.findall(r"\[rank(\d)\] WARNING \w+: stopped on SIGUSR1 after step (\d+)", output))
+    stopped = set(re.findall(r"\[rank(\d)\] WARNING [\w.]+: stopping on SIGUSR1 after step (\d+)", output))
     assert {rank for rank, _ in stopped} == {"0", "1"}, output[-3000:]
     assert len({step for _, step in stopped}) == 1  # the same step on both ranks
     assert max(complete_steps(out)) == int(stopped.pop()[1])
@@ -165,3 +165,28 @@ def _worker_with_rank(torchrun_pid: int, rank: int) -> int:
         if f"RANK={rank}".encode() in environ:
             return int(child)
     raise AssertionError(f"no worker with RANK={rank} under torchrun pid {torchrun_pid}")
+
+
+def _signalled_while_starting(worker_id: int) -> None:
+    """A worker_init_fn that receives SIGTERM first: as when Slurm's signal lands between torch installing its
+    worker handler (which dies of a SIGTERM its parent did not send) and ours."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    preempt.shield_worker(worker_id)
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_loader_worker_signalled_while_it_starts_survives_only_when_its_start_is_held(held):
+    from torch.utils.data import DataLoader
+
+    preempt.install("SIGUSR1", "SIGTERM")
+    try:
+        loader = DataLoader(list(range(8)), batch_size=2, num_workers=1, worker_init_fn=_signalled_while_starting)
+        if held:
+            with preempt.workers_starting():
+                batches = iter(loader)
+            assert [batch.tolist() for batch in batches] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        else:
+            with pytest.raises(RuntimeError, match="DataLoader worker .* (killed by signal|exited unexpectedly)"):
+                list(loader)
+    finally:
+        preempt.uninstall()
