@@ -22,7 +22,8 @@ read -r ctld_port slurmd_port <<< "${LOCAL_SLURM_PORTS:-6917 6918}"
 node=$(hostname -s)
 case "${LOCAL_SLURM_NODES:-1}" in
   1) nodes=("$node") ;;
-  2) nodes=("$node" localhost) ;;  # both names resolve to this machine, as a real node's name does
+  2) [ "$node" != localhost ] || { echo "local_cluster: two nodes need a host name other than localhost" >&2; exit 1; }
+     nodes=("$node" localhost) ;;  # both names resolve to this machine, as a real node's name does
   *) echo "local_cluster: LOCAL_SLURM_NODES must be 1 or 2" >&2; exit 1 ;;
 esac
 
