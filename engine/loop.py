@@ -190,7 +190,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                         _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures)
                     periodic = cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0
                     # The same decision on every rank (poll is a collective); the last step finishes normally.
-                    request = guard.poll(device) if state.step < derived.total_steps else None
+                    request = guard.poll() if state.step < derived.total_steps else None
                     if periodic or request is not None:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
                         _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)

@@ -68,6 +68,7 @@ class PreemptionGuard:
         self.received: list[signal.Signals] = []
         self._owner = os.getpid()
         self._previous: dict[signal.Signals, object] = {}
+        self._cpu_group = None
 
     @property
     def signals(self) -> list[signal.Signals]:
@@ -92,15 +93,20 @@ class PreemptionGuard:
             log.warning("received %s: the run will checkpoint after the current step%s", sig.name,
                         " and requeue" if sig == self.requeue_signal else "")
 
-    def poll(self, device: torch.device) -> Optional[StopRequest]:
+    def poll(self) -> Optional[StopRequest]:
         """Whether any rank received a signal, decided identically on every rank (a collective when there is
-        a process group of more than one rank: call it at the same step on all of them)."""
+        a process group of more than one rank: call it at the same step on all of them).
+
+        The flags travel through a CPU (gloo) group of their own: an all-reduce of GPU tensors read back on the
+        host would make every step wait for the GPU to drain."""
         if not self.signals:
             return None
         flags = [float(self.requeue_signal in self.received), float(self.stop_signal in self.received)]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            agreed = torch.tensor(flags, device=device)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            if self._cpu_group is None:
+                self._cpu_group = dist.new_group(backend="gloo")  # collective too: the first poll, on every rank
+            agreed = torch.tensor(flags)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._cpu_group)
             flags = agreed.tolist()
         requeue, stop = (flag > 0 for flag in flags)
         if not (requeue or stop):

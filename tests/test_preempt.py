@@ -37,22 +37,22 @@ def test_guard_records_signals_and_restores_the_previous_handlers():
     before = signal.getsignal(signal.SIGUSR1)
     guard = PreemptionGuard("SIGUSR1", "SIGTERM").install()
     try:
-        assert guard.poll(None) is None
+        assert guard.poll() is None
         os.kill(os.getpid(), signal.SIGTERM)
-        request = guard.poll(None)
+        request = guard.poll()
         assert request is not None and not request.requeue and request.signal_name == "SIGTERM"
         os.kill(os.getpid(), signal.SIGUSR1)
-        request = guard.poll(None)
+        request = guard.poll()
         assert request.requeue and request.signal_name == "SIGUSR1"  # a requeue wins over a plain stop
     finally:
         guard.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is before
-    assert PreemptionGuard("", "").poll(None) is None
+    assert PreemptionGuard("", "").poll() is None
     # Clusters whose preemption sends only SIGTERM: SIGTERM requeues.
     guard = PreemptionGuard("SIGTERM", "").install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert guard.poll(None).requeue
+        assert guard.poll().requeue
     finally:
         guard.uninstall()
 
@@ -61,9 +61,9 @@ def test_install_is_once_per_process_and_keeps_what_was_received():
     try:
         guard = preempt.install("SIGUSR1", "SIGTERM")
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert preempt.install("SIGUSR1", "SIGTERM") is guard and guard.poll(None).requeue
+        assert preempt.install("SIGUSR1", "SIGTERM") is guard and guard.poll().requeue
         other = preempt.install("SIGUSR2", "SIGTERM")  # other signals: a new guard
-        assert other is not guard and other.poll(None) is None
+        assert other is not guard and other.poll() is None
     finally:
         preempt.uninstall()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
@@ -79,7 +79,7 @@ def test_a_forked_worker_survives_the_signal_and_leaves_the_decision_to_its_pare
             os._exit(0 if not guard.received else 3)
         _, status = os.waitpid(pid, 0)
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0  # not killed, and it recorded nothing
-        assert guard.poll(None) is None
+        assert guard.poll() is None
     finally:
         guard.uninstall()
 
