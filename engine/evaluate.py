@@ -168,13 +168,12 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
     sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
-                        num_workers=num_workers, worker_init_fn=preempt.shield_worker,  # validation in training
+                        num_workers=num_workers,
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
     acc = ScoreAccumulator(len(dataset.records), num_classes)
     rounds = _max_over_ranks(len(loader)) if collective_forward else len(loader)
     blank = torch.zeros(1, 3, dataset.clip_len, dataset.size, dataset.size, dtype=dtype, device=device)
-    with preempt.workers_starting():
-        batches = iter(loader)
+    batches = preempt.iterate(loader)  # validation runs during training: its workers must survive the signals
     for _ in range(rounds):
         batch = next(batches, None)
         if batch is not None:

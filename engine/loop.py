@@ -162,12 +162,10 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
             loader = DataLoader(task.train_set, batch_size=cfg.batch.micro_batch, sampler=sampler,
                                 collate_fn=collate_clips, num_workers=cfg.batch.num_workers,
                                 pin_memory=device.type == "cuda", persistent_workers=False,
-                                worker_init_fn=preempt.shield_worker, generator=_loader_seed_source(cfg, state))
+                                generator=_loader_seed_source(cfg, state))
             micro = state.consumed // cfg.batch.micro_batch
             waited = time.perf_counter()
-            with preempt.workers_starting():
-                batches = iter(loader)
-            for batch in batches:
+            for batch in preempt.iterate(loader):
                 if micro >= micro_per_epoch or state.step >= derived.total_steps:
                     break
                 data_wait = time.perf_counter() - waited

@@ -13,8 +13,8 @@ Two signals, two meanings (names from ``run.requeue_signal`` / ``run.stop_signal
 Ranks may receive a signal at different steps (or only some of them at all), so at every optimizer step the
 ranks agree with one all-reduce of two flags; all of them stop after the same step. A signal that arrives
 while a checkpoint is written, or during validation, is acted on at the next step. Forked DataLoader workers
-ignore the signals (``workers_starting`` + ``shield_worker``; their parent shuts them down), so a signal Slurm
-delivers to every process of the step does not kill a worker under the loader.
+ignore the signals (``iterate`` starts them so; their parent shuts them down), so a signal Slurm delivers to
+every process of the step does not kill a worker under the loader.
 """
 
 from __future__ import annotations
@@ -176,6 +176,17 @@ def shield_worker(worker_id: int) -> None:
         for sig in _guard.signals:
             signal.signal(sig, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _guard.signals)
+
+
+def iterate(loader):
+    """Start ``loader``'s iterator (forking its workers) so that the workers survive the guard's signals: each
+    ignores them (``shield_worker`` becomes the loader's worker init function) and is forked with them blocked
+    until it does (``workers_starting``). Every DataLoader used while training starts this way."""
+    if loader.worker_init_fn not in (None, shield_worker):
+        raise ValueError(f"the loader already has a worker_init_fn ({loader.worker_init_fn!r})")
+    loader.worker_init_fn = shield_worker
+    with workers_starting():
+        return iter(loader)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,9 @@ multi-view test (one rank and two), an unreadable test video reported, resume eq
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ from engine.config import ConfigError, load_config
 from engine.finetune import FinetuneConfig, FinetuneMaskConfig
 from engine.optim import build_optimizer
 from models.vit import build_classifier
+from test_pretrain import losses, records, wait_for_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "run_scripts" / "configs" / "finetune" / "tiny_cpu.yaml"
@@ -230,17 +234,10 @@ def test_a_signal_mid_run_stops_after_a_checkpoint_and_the_rerun_ends_like_the_u
     """Preemption is the loop's, so fine-tuning has it too: SIGUSR1 to every process (loader workers included, as
     Slurm does) -> checkpoint, exit 75; the rerun resumes with the EMA and the best score and ends with the same
     metrics, weights and test results as the uninterrupted run."""
-    import os
-    import re
-    import signal
-    import time
-
     out = tmp_path / "stopped"
     process = subprocess.Popen(command(out, data_root, "batch.num_workers=1"), cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None and max(losses(out), default=0) < 3:
-        time.sleep(0.05)
+    wait_for_step(process, out, 3)
     os.killpg(process.pid, signal.SIGUSR1)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 75, output[-3000:]
@@ -257,13 +254,3 @@ def test_a_signal_mid_run_stops_after_a_checkpoint_and_the_rerun_ends_like_the_u
         assert all(torch.equal(got[k], expected[k]) for k in expected), name
     results = [json.loads((d / "test_results.json").read_text()) for d in (out, finished_run)]
     assert results[0]["model"]["top1"] == results[1]["model"]["top1"]
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(out: Path) -> dict[int, float]:
-    if not (out / "metrics.jsonl").is_file():
-        return {}
-    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}

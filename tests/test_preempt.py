@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from engine.checkpoint import complete_steps
 from engine.config import ConfigError, load_config
 from engine.preempt import PREEMPTED_EXIT_CODE, PreemptionGuard, parse_signal, requeue_slurm_job
 from engine.pretrain import PretrainConfig
-from test_pretrain import RECIPE, ROOT, command, data_root, losses, run  # noqa: F401 (data_root: a fixture)
+from test_pretrain import RECIPE, ROOT, command, data_root, losses, run, wait_for_step  # noqa: F401 (data_root: a fixture)
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641")
 
@@ -104,16 +103,6 @@ def test_requeue_runs_scontrol_with_the_job_id_and_reports_failures(tmp_path):
         assert "failed" in requeue_slurm_job({"SLURM_JOB_ID": "42"})
 
 
-def _wait_for_step(process: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> int:
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        seen = max(losses(out), default=0)
-        if seen >= step:
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended or stalled before step {step} (exit code {process.poll()})")
-
-
 OVERRIDES = ("optim.epochs=3", "batch.num_workers=1")  # the loader's worker process receives the signal too
 
 
@@ -130,7 +119,7 @@ def test_a_signal_mid_run_checkpoints_that_step_and_the_rerun_equals_the_uninter
     out = tmp_path / "stopped"
     process = subprocess.Popen(command(out, data_root, *OVERRIDES), cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    seen = _wait_for_step(process, out, 3)
+    seen = wait_for_step(process, out, 3)
     os.killpg(process.pid, getattr(signal, sig))  # every process, loader workers included, as Slurm does
     output, _ = process.communicate(timeout=120)
     assert process.returncode == PREEMPTED_EXIT_CODE, output[-3000:]
@@ -148,7 +137,7 @@ def test_two_ranks_stop_after_the_same_step_when_only_one_is_signalled(tmp_path,
     out = tmp_path / "two"
     process = subprocess.Popen(command(out, data_root, "optim.epochs=4", launcher=TORCHRUN), cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(process, out, 2)
+    wait_for_step(process, out, 2)
     rank1 = _worker_with_rank(process.pid, 1)
     os.kill(rank1, signal.SIGUSR1)
     output, _ = process.communicate(timeout=120)

@@ -44,12 +44,27 @@ def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return result
 
 
+def records(out: Path) -> list[dict]:
+    """The run's metrics.jsonl records (none before it exists)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def losses(out: Path) -> dict[int, float]:
-    """step -> loss, the last record of each step winning (a resumed run logs the replayed steps again)."""
-    if not (out / "metrics.jsonl").is_file():
-        return {}
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
+    """step -> training loss, the last record of each step winning (a resumed run logs the replayed steps again);
+    validation records carry no loss."""
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+
+
+def wait_for_step(process: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> int:
+    """Wait until the run writing to ``out`` logged ``step`` (or later); returns the newest logged step."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        seen = max(losses(out), default=0)
+        if seen >= step:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"the run ended or stalled before step {step} (exit code {process.poll()})")
 
 
 def test_tiny_run_writes_everything_and_knows_when_it_is_done(tmp_path, data_root):

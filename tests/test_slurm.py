@@ -15,7 +15,6 @@ The daemons are stopped by pid and their directory removed afterwards. Where Slu
 are skipped with the reason (printed in the summary: test.sh passes -rs).
 """
 
-import json
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ import torch
 
 from engine.checkpoint import complete_steps
 from engine.dist import expand_hostlist, slurm_port
+from test_pretrain import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "run_scripts" / "slurm" / "local_cluster.sh"
@@ -103,13 +103,6 @@ def _job(env, job_id: str) -> dict:
     return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
 
-def _losses(out: Path) -> dict:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
-
-
 LAYOUTS = {  # job -> submit.py options: two ranks in every case
     "srun": ("--nodes", "1", "--tasks-per-node", "2"),
     "requeued": ("--nodes", "2", "--tasks-per-node", "1"),
@@ -158,7 +151,7 @@ def jobs(cluster, tmp_path_factory):
         state = _job(cluster, ids[name])["JobState"]
         log = outs[name] / f"slurm-{ids[name]}.out"
         assert state in ("PENDING", "RUNNING"), f"job {name} is {state}:\n{log.read_text()[-4000:]}"
-        return max(_losses(outs[name]), default=0) >= step and max(_losses(outs[name]))
+        return max(losses(outs[name]), default=0) >= step and max(losses(outs[name]))
 
     for name, flag in (("requeued", "--signal=USR1"), ("cancelled", None)):
         step = _wait(lambda: reached(name, 3), 600)
@@ -185,7 +178,7 @@ def jobs(cluster, tmp_path_factory):
 def test_a_two_task_zero2_job_runs_to_completion(jobs):
     assert jobs["states"]["srun"] == "COMPLETED", jobs["logs"]["srun"][-3000:]
     out = jobs["outs"]["srun"]
-    assert max(_losses(out)) == TOTAL_STEPS and max(complete_steps(out)) == TOTAL_STEPS
+    assert max(losses(out)) == TOTAL_STEPS and max(complete_steps(out)) == TOTAL_STEPS
     assert (out / "weights.pt").is_file()
     log = jobs["logs"]["srun"]
     assert "'world_size': 2" in log and "zero stage ZeroStageEnum.gradients, world_size: 2" in log
@@ -206,7 +199,7 @@ def test_the_signalled_job_requeues_itself_and_ends_equal_to_the_uninterrupted_o
 
     reference, requeued = jobs["outs"]["srun"], jobs["outs"]["requeued"]
     assert max(complete_steps(requeued)) == TOTAL_STEPS
-    assert _losses(requeued) == _losses(reference)  # every step once, bit-identical (fp32 on CPU)
+    assert losses(requeued) == losses(reference)  # every step once, bit-identical (fp32 on CPU)
     got, expected = (torch.load(out / "weights.pt", weights_only=True) for out in (requeued, reference))
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
@@ -216,7 +209,7 @@ def test_one_torchrun_per_node_trains_like_one_task_per_rank(jobs, name):
     log = jobs["logs"][name]
     assert jobs["states"][name] == "COMPLETED", log[-3000:]
     assert "launcher torchrun" in log and "[rank1]" in log
-    assert _losses(jobs["outs"][name]) == _losses(jobs["outs"]["srun"])
+    assert losses(jobs["outs"][name]) == losses(jobs["outs"]["srun"])
 
 
 def test_a_cancelled_job_checkpoints_and_is_not_requeued(jobs):
