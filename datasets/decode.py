@@ -18,8 +18,11 @@ import functools
 import math
 import os
 import re
+import struct
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import av
@@ -28,8 +31,8 @@ from av.video.reformatter import VideoReformatter
 
 from datasets.annotations import VideoRecord
 
-Backend = Literal["decord", "pyav", "frames"]
-BACKENDS = ("decord", "pyav", "frames")
+Backend = Literal["pyav", "decord", "frames"]
+BACKENDS = ("pyav", "decord", "frames")
 DEFAULT_FRAME_TEMPLATE = "img_{:05d}.jpg"  # VideoMAE's raw-frame names, numbered from 1
 
 
@@ -91,7 +94,7 @@ class VideoSource(abc.ABC):
         return f"{type(self).__name__}({self.path!r}, num_frames={self.num_frames}, fps={self.fps})"
 
 
-def open_video(record_or_path: VideoRecord | str | os.PathLike, backend: Backend = "decord", *,
+def open_video(record_or_path: VideoRecord | str | os.PathLike, backend: Backend = "pyav", *,
                frame_template: str = DEFAULT_FRAME_TEMPLATE, first_frame_index: int = 1) -> VideoSource:
     """Open a video file (``decord``, ``pyav``) or a folder of JPEG frames (``frames``).
 
@@ -141,38 +144,273 @@ def _short(error: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- #
+# What the container says, before any frame is decoded
+# --------------------------------------------------------------------------- #
+@dataclass
+class StreamIndex:
+    """What demuxing a file (reading its packets without decoding them) tells about its video stream.
+
+    ``pts``: presentation timestamps of the frames shown, sorted: frame ``i`` is the one at ``pts[i]`` — valid
+    only when ``seekable``. ``untrusted``: why the timestamps cannot say which frame is which (then frames are
+    counted as the decoder outputs them, decoding from the start). ``open_gop``: a decode that starts at some
+    keyframe may depend on frames before it — a frame that follows the keyframe in decoding order is shown before
+    it, an H.264/HEVC keyframe is not an IDR picture, or the codec reorders frames and has no such proof.
+    """
+
+    pts: list[int]
+    keyframe_pts: list[int]
+    time_base: Fraction
+    untrusted: str = ""
+    open_gop: bool = False
+    hidden: int = 0  # frames decoded only as references, hidden by an mp4 edit list
+
+    @property
+    def seekable(self) -> bool:
+        return not self.untrusted
+
+
+def inspect_stream(path: str) -> StreamIndex:
+    """Index the packets of ``path``'s first video stream, refusing files that are truncated or damaged at the
+    container level (VideoReadError). About 2 ms for a 10 s, 1 MB clip: no frame is decoded."""
+    _require_file(path)
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError) as error:
+        raise VideoReadError(path, f"cannot open ({_short(error)})") from None
+    with container:
+        _check_declared_size(path, container.format.name)
+        stream = _video_stream(container, path)
+        return _index_packets(container, stream, path)
+
+
+def _video_stream(container, path: str):
+    if not container.streams.video:
+        raise VideoReadError(path, "no video stream")
+    stream = container.streams.video[0]
+    stream.codec_context.thread_count = 1  # one thread per worker (see the module's docstring)
+    return stream
+
+
+def _index_packets(container, stream, path: str) -> StreamIndex:
+    packets = []  # (pts, is_keyframe, is_discard) in decoding order
+    idr_check = _IdrCheck.for_stream(stream)
+    all_keyframes_idr = idr_check is not None
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's final empty packet, which only flushes the decoder
+                continue
+            if packet.is_corrupt:
+                raise VideoReadError(path, f"truncated or corrupt: packet {len(packets)} is damaged")
+            packets.append((packet.pts, packet.is_keyframe, packet.is_discard))
+            if packet.is_keyframe and all_keyframes_idr:
+                all_keyframes_idr = idr_check.is_idr(bytes(packet))
+    except av.FFmpegError as error:
+        raise VideoReadError(path, f"truncated or unreadable after packet {len(packets)} ({_short(error)})") from None
+    # An mp4 header counts every sample: a cut exactly between two packets shows only here. (An AVI header may
+    # count time ticks rather than frames when its frames are irregularly spaced, so it proves nothing.)
+    if "mp4" in container.format.name and stream.frames and len(packets) < stream.frames:
+        raise VideoReadError(path, f"truncated: the header lists {stream.frames} frames, the file holds "
+                                   f"{len(packets)}")
+    all_pts = [pts for pts, _, _ in packets]
+    shown = sorted(pts for pts, _, discard in packets if not discard) if None not in all_pts else []
+    keyframes = sorted(pts for pts, key, _ in packets if key) if None not in all_pts else []
+    closed = all_keyframes_idr or (idr_check is None and not stream.codec_context.has_b_frames)
+    return StreamIndex(shown, keyframes, stream.time_base, untrusted=_untrusted(packets, stream),
+                       open_gop=not closed or _has_leading_frames(packets),
+                       hidden=sum(discard for _, _, discard in packets))
+
+
+def _untrusted(packets: list, stream) -> str:
+    """Why the timestamps cannot place each frame, or '' when they can."""
+    if not packets:
+        return "no packets"
+    pts = [pts for pts, _, _ in packets]
+    if None in pts:
+        return "packets without timestamps"
+    if len(set(pts)) != len(pts):
+        return "repeated timestamps"
+    if not packets[0][1]:
+        # The decoder drops, or invents, the frames before its first keyframe: only decoding tells how many.
+        return "the stream does not start with a keyframe"
+    if stream.codec_context.has_b_frames and pts == sorted(pts):
+        # A codec that reorders frames, timestamps that never do: they were written in decoding order (AVI has
+        # no presentation times; some muxers write none), so sorting them misplaces every B-frame.
+        return "timestamps in decoding order for a codec that reorders frames"
+    return ""
+
+
+def _has_leading_frames(packets: list) -> bool:
+    keyframe_pts = None
+    for pts, key, _ in packets:
+        if key:
+            keyframe_pts = pts
+        elif keyframe_pts is not None and pts is not None and pts < keyframe_pts:
+            return True
+    return False
+
+
+@dataclass
+class _IdrCheck:
+    """Whether an H.264 / HEVC keyframe packet holds an IDR picture, which nothing after it refers past. x264's
+    open-GOP keyframes are recovery-point I pictures instead: measured, decord returns a wrong frame after seeking
+    to one."""
+
+    codec: str
+    length_size: int | None  # NAL units prefixed by their length (mp4, mkv), or None: start codes (ts, avi)
+
+    @classmethod
+    def for_stream(cls, stream) -> _IdrCheck | None:
+        codec = stream.codec_context.name
+        if codec not in ("h264", "hevc"):
+            return None
+        extra = stream.codec_context.extradata or b""
+        length_size = None
+        if extra[:1] == b"\x01":  # avcC / hvcC configuration record: NAL units carry length prefixes
+            length_size = (extra[4 if codec == "h264" else 21] & 3) + 1 if len(extra) > 21 or codec == "h264" else 4
+        return cls(codec, length_size)
+
+    def is_idr(self, data: bytes) -> bool:
+        for header in self._nal_headers(data):
+            kind = header & 0x1F if self.codec == "h264" else (header >> 1) & 0x3F
+            if (self.codec == "h264" and kind == 5) or (self.codec == "hevc" and kind in (19, 20)):
+                return True
+        return False
+
+    def _nal_headers(self, data: bytes):
+        if self.length_size is None:
+            position = data.find(b"\x00\x00\x01")
+            while 0 <= position < len(data) - 3:
+                yield data[position + 3]
+                position = data.find(b"\x00\x00\x01", position + 3)
+            return
+        position, size = 0, self.length_size
+        while position + size < len(data):
+            length = int.from_bytes(data[position:position + size], "big")
+            yield data[position + size]
+            position += size + length
+
+
+def _check_declared_size(path: str, format_name: str) -> None:
+    """A file shorter than its container says was cut short (an interrupted download or copy): refused.
+
+    Decoders read such files without an error and return fewer frames or, at the cut, a half-decoded one."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        declared = _declared_size(handle, size, format_name)
+    if declared is not None and declared > size:
+        raise VideoReadError(path, f"truncated: the container declares {declared} bytes, the file has {size}")
+
+
+def _declared_size(handle, size: int, format_name: str) -> int | None:
+    """The byte count the container's own framing promises, or None where it promises nothing."""
+    head = handle.read(16)
+    if head[:4] == b"RIFF":  # AVI: the first RIFF chunk's size (OpenDML files add AVIX chunks after it)
+        return 8 + struct.unpack("<I", head[4:8])[0]
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # Matroska / WebM: the EBML header, then the Segment's size
+        return _ebml_segment_end(handle)
+    if "mp4" in format_name:  # ISO BMFF: top-level boxes follow each other to the end of the file
+        return _last_box_end(handle, size)
+    if format_name == "mpegts":  # 188-byte transport packets (192 in M2TS): a cut leaves a partial one
+        return size if size % 188 == 0 or size % 192 == 0 else size + 1
+    return None
+
+
+def _read_vint(handle, keep_marker: bool) -> tuple[int | None, int]:
+    """One EBML variable-length integer: (value or None when 'unknown', length in bytes)."""
+    first = handle.read(1)
+    if not first:
+        raise EOFError
+    length = 9 - first[0].bit_length()
+    if length > 8:
+        raise ValueError("invalid EBML integer")
+    value = first[0] if keep_marker else first[0] & ((1 << (8 - length)) - 1)
+    for byte in handle.read(length - 1):
+        value = (value << 8) | byte
+    unknown = not keep_marker and value == (1 << (7 * length)) - 1
+    return (None if unknown else value), length
+
+
+def _ebml_segment_end(handle) -> int | None:
+    try:
+        handle.seek(0)
+        _read_vint(handle, keep_marker=True)  # EBML header id
+        header_size, _ = _read_vint(handle, keep_marker=False)
+        handle.seek(header_size, os.SEEK_CUR)
+        element, _ = _read_vint(handle, keep_marker=True)
+        segment_size, _ = _read_vint(handle, keep_marker=False)
+    except (EOFError, ValueError, TypeError):
+        return None  # not framed as expected: let the demuxer judge
+    if element != 0x18538067 or segment_size is None:  # no Segment, or one of unknown size (live streams)
+        return None
+    return handle.tell() + segment_size
+
+
+def _last_box_end(handle, size: int) -> int | None:
+    offset = 0
+    while offset < size:
+        handle.seek(offset)
+        header = handle.read(16)
+        if len(header) < 8:
+            return offset + 8
+        box_size = struct.unpack(">I", header[:4])[0]
+        if box_size == 1:
+            if len(header) < 16:
+                return offset + 16
+            box_size = struct.unpack(">Q", header[8:16])[0]
+        elif box_size == 0:  # the last box runs to the end of the file
+            return None
+        if box_size < 8:
+            return None  # not a box layout we know: let the demuxer judge
+        offset += box_size
+    return offset
+
+
+# --------------------------------------------------------------------------- #
 # decord
 # --------------------------------------------------------------------------- #
 class DecordSource(VideoSource):
-    """decord's VideoReader: it indexes all packets at open and seeks to the keyframe before each batch.
+    """decord's VideoReader, admitted only where the container proves that decord indexes the file right.
 
-    Measured limits, where the PyAV backend is exact: a file cut inside its last packet opens with the full
-    frame count and raises VideoReadError only for frames near the cut; a file cut exactly between two packets
-    reads as a video missing one frame (real frames, no error); an mp4 trimmed by an edit list is refused.
+    decord (unmaintained since 2021, its own FFmpeg 4 inside) sorts frames by timestamp and seeks to the keyframe
+    before each batch; measured on the test corpus it silently returns wrong frames for timestamps written in
+    decoding order, open GOPs, streams that start without a keyframe, truncated AVI and MP4 files, and mp4 edit
+    lists. So a file is first indexed with PyAV (demux only, no decoding) and refused unless its timestamps are
+    trustworthy, its GOPs closed, nothing is hidden by an edit list, the container is intact, and decord's frame
+    count and timestamps equal the index's. What no check can catch: payload damage that no decoder reports is
+    concealed differently by decord's FFmpeg than by current FFmpeg. ``pyav`` is the default backend.
     """
 
     def __init__(self, path: str):
         import decord  # not importable on every platform; PyAV and frame folders work without it
 
-        _require_file(path)
+        index = inspect_stream(path)
+        refusal = ("its timestamps cannot be trusted: " + index.untrusted if index.untrusted
+                   else "it has open GOPs" if index.open_gop
+                   else f"it starts with {index.hidden} frames hidden by an mp4 edit list" if index.hidden else "")
+        if refusal:
+            raise VideoReadError(path, f"decord mis-indexes this file ({refusal}); read it with backend='pyav'")
         self._errors = (decord.DECORDError, RuntimeError)
+        decord.logging.set_level(decord.logging.QUIET)  # its FFmpeg writes every concealed error to stderr
         try:
             self._reader = decord.VideoReader(path, num_threads=1)
             num_frames, fps = len(self._reader), float(self._reader.get_avg_fps())
         except self._errors as error:
             raise VideoReadError(path, f"cannot open ({_short(error)})") from None
         super().__init__(path, num_frames, fps)
-        self._refuse_hidden_frames()
+        self._check_index(index)
 
-    def _refuse_hidden_frames(self) -> None:
-        """An mp4 trimmed by an edit list (``ffmpeg -ss ... -c copy``) starts with frames decoded only as
-        references, at negative timestamps. decord counts them as frames and then returns shifted frames on
-        random access and repeats the last frame at the end (measured), so such a file is refused here."""
+    def _check_index(self, index: StreamIndex) -> None:
+        """decord's frame list must be the container's, frame for frame (it has added a duplicate last frame)."""
+        if self.num_frames != len(index.pts):
+            raise VideoReadError(self.path, f"decord counts {self.num_frames} frames where the container holds "
+                                            f"{len(index.pts)}; read it with backend='pyav'")
         starts = self._reader.get_frame_timestamp(list(range(self.num_frames)))[:, 0]
-        hidden = int(np.count_nonzero(starts < 0))
-        if hidden:
-            raise VideoReadError(self.path, f"starts with {hidden} frames hidden by an edit list, which decord "
-                                            "mis-indexes; read it with backend='pyav'")
+        expected = np.array([float(pts * index.time_base) for pts in index.pts])
+        tick = float(index.time_base)
+        if not np.allclose(starts, expected, rtol=0, atol=max(tick / 2, 1e-4)):
+            first = int(np.argmax(~np.isclose(starts, expected, rtol=0, atol=max(tick / 2, 1e-4))))
+            raise VideoReadError(self.path, f"decord places frame {first} at {starts[first]:.4f} s, the container "
+                                            f"at {expected[first]:.4f} s; read it with backend='pyav'")
 
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
         try:
@@ -190,54 +428,74 @@ class DecordSource(VideoSource):
 
 
 def _span(indices: list[int]) -> str:
-    return f"{indices[0]}..{indices[-1]}" if len(indices) > 1 else str(indices[0])
+    """A short, exact list of frame indices: runs of consecutive ones as a..b."""
+    runs, start = [], indices[0]
+    for previous, current in zip(indices, indices[1:] + [None]):
+        if current != previous + 1:
+            runs.append(f"{start}..{previous}" if previous > start else str(start))
+            start = current
+    return ", ".join(runs) if len(runs) <= 8 else ", ".join(runs[:8]) + f", ... ({len(indices)} frames)"
 
 
 # --------------------------------------------------------------------------- #
 # PyAV
 # --------------------------------------------------------------------------- #
-class PyAVSource(VideoSource):
-    """PyAV (FFmpeg) with a packet index built at open, like decord's.
+class _TimestampsDisagree(Exception):
+    """The decoder's output contradicts the packet index: the file is read by counting decoded frames instead."""
 
-    Frame count: the index's count of shown packets, not ``stream.frames``. Demuxing reads the file without
-    decoding it (open + index: about 2 ms for a 10 s, 1 MB clip) and gives (1) an exact count for every
-    container — webm/mkv headers carry none, duration x rate is only an estimate, and frames hidden by an mp4
-    edit list are not shown — equal to decord's on ordinary files, (2) each frame's timestamp, so a read seeks
-    to the keyframe before its first frame instead of decoding from the start, and (3) truncation found at
-    open: a damaged last packet, or fewer packets than the mp4 header lists.
-    Files whose packets lack unique timestamps are decoded from the start and frames counted as they come.
+
+class PyAVSource(VideoSource):
+    """PyAV (FFmpeg): frame ``i`` is the ``i``-th frame FFmpeg's own sequential decode outputs.
+
+    Where the container's timestamps can be trusted (``StreamIndex.seekable``), a read seeks to the keyframe
+    before its first frame and decodes only the frames wanted or referenced; the frame count is the index's count
+    of shown packets (exact for every container: webm/mkv headers carry none, frames hidden by an mp4 edit list
+    are not shown). Every frame the decoder outputs is checked against the index (the keyframe first, then
+    strictly increasing timestamps, each one indexed); a contradiction switches the file to counted decoding.
+    Elsewhere (timestamps in decoding order, missing or repeated; a stream that starts without a keyframe) the
+    frames are counted as FFmpeg decodes them from the start: at open, and again up to the last frame of each
+    read — slower, never misplaced. A frame the decoder flags as damaged, or a decoding error, fails the read.
     """
 
     def __init__(self, path: str):
-        _require_file(path)
+        self.path = path
+        self._index = inspect_stream(path)
         try:
             self._container = av.open(path)
         except (av.FFmpegError, OSError) as error:
             raise VideoReadError(path, f"cannot open ({_short(error)})") from None
         try:
-            self._stream = self._open_stream(path)
-            self._pts, self._keyframe_pts = _index_packets(self._container, self._stream, path)
-            super().__init__(path, len(self._pts), _stream_fps(self._stream))
+            self._stream = _video_stream(self._container, path)
+            fps = _stream_fps(self._stream)
+            num_frames = len(self._index.pts) if self._index.seekable else self._count_decoded()
+            super().__init__(path, num_frames, fps)
         except BaseException:
             self._container.close()
             raise
-        # Frame index = rank of the presentation timestamp; None: no usable timestamps, count decoded frames.
-        self._index_of_pts = {pts: index for index, pts in enumerate(self._pts)} if self._keyframe_pts else None
+        self._index_of_pts = {pts: index for index, pts in enumerate(self._index.pts)}
         # One converter for all frames: frame.to_ndarray() builds a new swscale context for every frame, which
         # costs more than the conversion itself (0.46 vs 0.13 ms per 256x320 frame, identical pixels).
         self._reformatter = VideoReformatter()
 
-    def _open_stream(self, path: str):
-        if not self._container.streams.video:
-            raise VideoReadError(path, "no video stream")
-        stream = self._container.streams.video[0]
-        stream.codec_context.thread_count = 1  # one thread per worker (see the module's docstring)
-        return stream
+    @property
+    def counted(self) -> bool:
+        """True when frames are counted as decoded from the start rather than placed by their timestamps."""
+        return not self._index.seekable
 
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
+        try:
+            return self._collect(indices, self._decode_sequentially() if self.counted else self._seek_and_decode(
+                indices[0], set(indices)))
+        except _TimestampsDisagree as disagreement:
+            self._fall_back_to_counting(str(disagreement))
+            return self._collect(indices, self._decode_sequentially())
+
+    def _collect(self, indices: list[int], decoded) -> np.ndarray:
         wanted, last, found = set(indices), indices[-1], {}
         try:
-            for index, frame in self._decoded_from(indices[0], wanted):
+            for index, frame in decoded:
+                if frame.is_corrupt:  # concealed decoding errors: what follows in the GOP is damaged too
+                    raise VideoReadError(self.path, f"frame {index} is damaged (the decoder reports errors)")
                 if index in wanted:  # convert only the frames kept
                     found[index] = self._reformatter.reformat(frame, format="rgb24").to_ndarray()
                 if index >= last:
@@ -249,67 +507,68 @@ class PyAVSource(VideoSource):
             raise VideoReadError(self.path, f"frames {_span(missing)} were not produced by the decoder")
         return _stack([found[index] for index in indices], self.path)
 
-    def _decoded_from(self, first: int, wanted: set[int]):
-        """(frame index, frame) from at or before frame ``first`` onwards, in presentation order.
+    def _seek_and_decode(self, first: int, wanted: set[int]):
+        """(frame index, frame) from the keyframe at or before frame ``first`` on, checked against the index.
 
         Frames that are neither wanted nor referenced by other frames are not decoded at all: before each
         packet the decoder is told whether it may drop the packet's frame if it is a non-reference one
         (x264's default GOP makes about half of all frames such B-frames). Wanted and reference frames are
         decoded exactly as in a full decode, so the pixels are identical.
         """
-        if self._index_of_pts is None:
-            yield from enumerate(self._decode_from_start())
-            return
-        target = self._pts[first]
-        position = bisect.bisect_right(self._keyframe_pts, target) - 1
-        self._container.seek(self._keyframe_pts[max(position, 0)], stream=self._stream, backward=True)
-        wanted_pts = {self._pts[index] for index in wanted}
-        codec = self._stream.codec_context
+        keyframes = self._index.keyframe_pts
+        start = keyframes[max(bisect.bisect_right(keyframes, self._index.pts[first]) - 1, 0)]
+        self._container.seek(start, stream=self._stream, backward=True)
+        wanted_pts = {self._index.pts[index] for index in wanted}
+        codec, previous = self._stream.codec_context, None
         try:
             for packet in self._container.demux(self._stream):
                 codec.skip_frame = "DEFAULT" if packet.pts is None or packet.pts in wanted_pts else "NONREF"
                 for frame in packet.decode():
+                    if frame.pts is not None and frame.pts < start:
+                        continue  # a leading frame of an open GOP, decoded without its reference: never wanted
                     index = self._index_of_pts.get(frame.pts)
-                    # Leading frames of an open GOP (timestamps before the keyframe) may be garbage; they are
-                    # never wanted here, since every wanted frame's timestamp is at or after the keyframe's.
-                    if index is not None:
-                        yield index, frame
+                    # The keyframe comes out first (unless an edit list hides it), then timestamps only increase.
+                    expected_first = previous is None and start in self._index_of_pts
+                    if index is None or (expected_first and frame.pts != start) or (
+                            previous is not None and frame.pts <= previous):
+                        raise _TimestampsDisagree(f"after a seek to {start} the decoder output pts {frame.pts}")
+                    previous = frame.pts
+                    yield index, frame
         finally:
             codec.skip_frame = "DEFAULT"
 
-    def _decode_from_start(self):
-        # Without timestamps a seek cannot be placed: reopen and decode from the first frame.
+    def _decode_sequentially(self):
+        """(i, frame) for every frame FFmpeg outputs, from the first: the definition of frame i."""
+        self._reopen()
+        yield from enumerate(self._container.decode(self._stream))
+
+    def _reopen(self) -> None:
+        # The one way back to the first packet that works for every container: a seek to 0 may land on the first
+        # keyframe, after the packets that a stream without a leading keyframe starts with.
         self._container.close()
         self._container = av.open(self.path)
-        self._stream = self._open_stream(self.path)
-        yield from self._container.decode(self._stream)
+        self._stream = _video_stream(self._container, self.path)
+
+    def _count_decoded(self) -> int:
+        count = 0
+        try:
+            for count, frame in enumerate(self._container.decode(self._stream), start=1):
+                if frame.is_corrupt:
+                    raise VideoReadError(self.path, f"frame {count - 1} is damaged (the decoder reports errors)")
+        except av.FFmpegError as error:
+            raise VideoReadError(self.path, f"undecodable after frame {count} ({_short(error)})") from None
+        return count
+
+    def _fall_back_to_counting(self, why: str) -> None:
+        self._index.untrusted = why
+        self._reopen()
+        count = self._count_decoded()
+        if count != self.num_frames:
+            raise VideoReadError(self.path, f"the decoder outputs {count} frames where the container's index lists "
+                                            f"{self.num_frames} ({why})")
 
     def close(self) -> None:
         self._container.close()
-
-
-def _index_packets(container, stream, path: str) -> tuple[list, list]:
-    """Sorted presentation timestamps of all frames, and of the keyframes ([] where unusable)."""
-    pts, keyframe_pts, packets = [], [], 0
-    try:
-        for packet in container.demux(stream):
-            if packet.size == 0:  # the demuxer's final empty packet, which only flushes the decoder
-                continue
-            if packet.is_corrupt:
-                raise VideoReadError(path, f"truncated or corrupt: packet {packets} is damaged")
-            packets += 1
-            if packet.is_keyframe:  # a hidden keyframe is still where decoding of the frames after it starts
-                keyframe_pts.append(packet.pts)
-            if not packet.is_discard:  # discarded: decoded for reference only, trimmed by an mp4 edit list
-                pts.append(packet.pts)
-    except av.FFmpegError as error:
-        raise VideoReadError(path, f"truncated or unreadable after packet {packets} ({_short(error)})") from None
-    # The mp4 header counts every sample, shown or not; a cut exactly between two packets only shows here.
-    if stream.frames and packets < stream.frames:
-        raise VideoReadError(path, f"truncated: the header lists {stream.frames} frames, the file holds {packets}")
-    if None in pts or None in keyframe_pts or len(set(pts)) != len(pts):
-        return pts, []
-    return sorted(pts), sorted(keyframe_pts)
 
 
 def _stream_fps(stream) -> float:

@@ -42,7 +42,8 @@ class DataConfig:
     #                                            its train.csv/val.csv used when the lists are not set
     format: AnnotationFormat = "video"  # list format: video | video_v2 | frames_start_total | frames_total_label
     num_classes: Optional[int] = None  # when set, labels are checked against it at load time
-    backend: Literal["decord", "pyav", "frames"] = "decord"  # video decoder, or JPEG frame folders
+    backend: Literal["pyav", "decord", "frames"] = "pyav"  # video decoder (pyav: exact on every file tested;
+    #                                                         decord: refuses files it mis-indexes), or JPEG folders
     frame_template: str = "img_{:05d}.jpg"  # frame folders: file name of frame i
     first_frame_index: int = 1  # frame folders: number of the first file (1 for SSv2 lists, 0 for V2 lists)
     sampling: Literal["dense", "segments"] = "dense"  # frames at a fixed stride, or one per segment (TSN, SSv2)
