@@ -1,10 +1,20 @@
-"""Decoding frames behind one interface: a video file through decord or PyAV, or a folder of JPEG frames.
+"""Decoding frames behind one interface: a video file through PyAV or decord, or a folder of JPEG frames.
 
 ``open_video(record_or_path, backend)`` returns a ``VideoSource`` with ``num_frames``, ``fps`` and
 ``get_frames(indices) -> uint8 (len(indices), H, W, 3) RGB``, frames in the requested order (indices may repeat
-and be unsorted: each distinct frame is decoded once, in file order). Every failure — a file that cannot be
-opened, a truncated or undecodable frame, a request beyond the last frame, a missing frame file — raises
-``VideoReadError`` naming the path: a broken sample is never turned into garbage frames silently.
+and be unsorted: each distinct frame is decoded once, in file order).
+
+Frame ``i`` of a video file is the ``i``-th frame of FFmpeg's own sequential decode of it (every frame its decoder
+outputs, in display order, no seeking). Against that definition, on a corpus of files built to break decoders
+(tests/video_corpus.py: B-frames with timestamps in decoding order, open GOPs, variable frame rate, AVI with four
+codecs, mkv, webm, mov, edit lists, streams without a leading keyframe, cuts at many offsets, damaged payloads),
+a read either returns exactly those frames or raises ``VideoReadError`` naming the path and the reason. Policies:
+
+- a truncated file (shorter than its container declares, or missing packets its mp4 header lists) is refused
+  at open, never read up to its cut: the frames around a cut are half-decoded;
+- a frame the decoder flags as damaged fails the read that decodes it (PyAV); payload damage that no decoder
+  notices cannot be told from a real picture by anyone;
+- a request beyond the last frame, a missing file or frame file, an unknown container: ``VideoReadError``.
 
 Each source decodes on ONE thread. Parallelism comes from DataLoader workers (one video per worker); codec
 threads on top of that oversubscribe the cores, and a worker's threads also slow its neighbours.
