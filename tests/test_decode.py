@@ -11,12 +11,14 @@ from PIL import Image
 from datasets.annotations import VideoRecord
 from datasets.decode import (
     VideoReadError,
+    _span,
     decode_all,
     decode_jpeg_pil,
     decode_jpeg_torchvision,
     open_video,
 )
 from datasets.video_io import write_video
+from video_corpus import remux, timestamps_in_decoding_order
 
 NUM_FRAMES, FPS, HEIGHT, WIDTH = 40, 25, 48, 64
 VIDEO_BACKENDS = ["decord", "pyav"]
@@ -163,7 +165,8 @@ def test_decord_and_pyav_return_identical_frames(videos):
 
 def test_pyav_without_usable_timestamps_decodes_from_the_start(videos, reference):
     with open_video(videos["gop4"], "pyav") as source:
-        source._index_of_pts = None  # as for packets without unique timestamps: frames are counted instead
+        source._index.untrusted = "as for packets without unique timestamps"  # frames are counted instead
+        assert source.counted
         for indices in INDEX_REQUESTS:
             np.testing.assert_array_equal(source.get_frames(indices), reference["gop4"][indices])
 
@@ -232,27 +235,13 @@ def test_pyav_finds_damage_when_opening(broken, damage):
         open_video(broken[damage], "pyav")
 
 
-def test_decord_opens_a_file_cut_in_its_last_frame_but_fails_on_that_frame(broken):
-    """decord's known issue: its frame count includes frames the file no longer holds."""
-    with open_video(broken["faststart_tail"], "decord") as source:
-        assert source.num_frames == NUM_FRAMES
-        with pytest.raises(VideoReadError, match="cannot decode"):
-            source.get_frames([NUM_FRAMES - 1])
-
-
-def test_decord_reads_a_file_cut_between_frames_as_a_video_missing_a_frame(broken, reference):
-    """Cut exactly between two packets, decord sees one frame fewer: real frames, in order, one left out.
-
-    The lost packet is the last in decoding order, which with B-frames need not be the last frame shown, so
-    the frames after the gap shift down by one. Only the PyAV backend reports this cut (see above).
-    """
-    with open_video(broken["faststart_boundary"], "decord") as source:
-        assert source.num_frames == NUM_FRAMES - 1
-        frames = decode_all(source)
-    matches = [[j for j in range(NUM_FRAMES) if np.array_equal(frame, reference["gop4"][j])] for frame in frames]
-    assert all(len(match) == 1 for match in matches)
-    shown = [match[0] for match in matches]
-    assert shown == sorted(shown) and len(set(shown)) == NUM_FRAMES - 1
+@pytest.mark.parametrize("damage", ["faststart_tail", "faststart_boundary"])
+@pytest.mark.parametrize("backend", VIDEO_BACKENDS)
+def test_a_cut_in_or_between_the_last_packets_is_refused_at_open(broken, damage, backend):
+    """decord alone opened these with the full count (failing only on the last frame) or as a video missing a
+    frame (real frames, no error, the frames after the gap shifted): both backends now refuse them at open."""
+    with pytest.raises(VideoReadError, match="truncated"):
+        open_video(broken[damage], backend)
 
 
 def test_trimmed_mp4_pyav_shows_only_the_frames_after_the_edit_point(videos, reference, tmp_path):
@@ -268,8 +257,28 @@ def test_trimmed_mp4_is_refused_by_decord(videos, tmp_path):
     """decord counts the hidden frames, so its random access is shifted by them: measured, hence refused."""
     path = str(tmp_path / "trimmed.mp4")
     trimmed_copy(videos["gop4"], path, hidden=2)
-    with pytest.raises(VideoReadError, match="starts with 2 frames hidden by an edit list.*backend='pyav'"):
+    with pytest.raises(VideoReadError, match="2 frames hidden by an mp4 edit list.*backend='pyav'"):
         open_video(path, "decord")
+
+
+def test_timestamps_that_contradict_the_decoder_switch_to_counted_decoding(tmp_path, videos):
+    """The second line of defence: a file whose timestamps passed the open-time checks but disagree with what the
+    decoder outputs is read by counting decoded frames, with the right pixels."""
+    path = str(tmp_path / "dts_order.mp4")
+    remux(videos["gop4"], path, edit=timestamps_in_decoding_order)
+    with av.open(path) as container:
+        expected = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    with open_video(path, "pyav") as source:
+        assert source.counted  # found at open: a reordering codec, timestamps in decoding order
+        source._index.untrusted = ""  # pretend the open-time check missed it
+        np.testing.assert_array_equal(source.get_frames([9, 2, 30]), expected[[9, 2, 30]])
+        assert source.counted and "decoder output" in source._index.untrusted
+
+
+def test_missing_frames_are_listed_exactly():
+    assert _span([0, 4, 8, 28]) == "0, 4, 8, 28"
+    assert _span([0, 1, 2, 5, 7, 8]) == "0..2, 5, 7..8"
+    assert _span(list(range(0, 40, 2))).endswith("... (20 frames)")
 
 
 def test_missing_file_says_so(broken):
