@@ -182,15 +182,21 @@ class StreamIndex:
 def inspect_stream(path: str) -> StreamIndex:
     """Index the packets of ``path``'s first video stream, refusing files that are truncated or damaged at the
     container level (VideoReadError). About 2 ms for a 10 s, 1 MB clip: no frame is decoded."""
+    with _open_container(path) as container:
+        return _inspect_container(container, path)
+
+
+def _open_container(path: str):
     _require_file(path)
     try:
-        container = av.open(path)
+        return av.open(path)
     except (av.FFmpegError, OSError) as error:
         raise VideoReadError(path, f"cannot open ({_short(error)})") from None
-    with container:
-        _check_declared_size(path, container.format.name)
-        stream = _video_stream(container, path)
-        return _index_packets(container, stream, path)
+
+
+def _inspect_container(container, path: str) -> StreamIndex:
+    _check_declared_size(path, container.format.name)
+    return _index_packets(container, _video_stream(container, path), path)
 
 
 def _video_stream(container, path: str):
@@ -469,13 +475,11 @@ class PyAVSource(VideoSource):
 
     def __init__(self, path: str):
         self.path = path
-        self._index = inspect_stream(path)
+        self._container = _open_container(path)
         try:
-            self._container = av.open(path)
-        except (av.FFmpegError, OSError) as error:
-            raise VideoReadError(path, f"cannot open ({_short(error)})") from None
-        try:
-            self._stream = _video_stream(self._container, path)
+            # One container for the index and the reads: a seek brings it back from the end of the demux.
+            self._index = _inspect_container(self._container, path)
+            self._stream = self._container.streams.video[0]
             fps = _stream_fps(self._stream)
             num_frames = len(self._index.pts) if self._index.seekable else self._count_decoded()
             super().__init__(path, num_frames, fps)
@@ -560,6 +564,7 @@ class PyAVSource(VideoSource):
         self._stream = _video_stream(self._container, self.path)
 
     def _count_decoded(self) -> int:
+        self._reopen()
         count = 0
         try:
             for count, frame in enumerate(self._container.decode(self._stream), start=1):
@@ -571,7 +576,6 @@ class PyAVSource(VideoSource):
 
     def _fall_back_to_counting(self, why: str) -> None:
         self._index.untrusted = why
-        self._reopen()
         count = self._count_decoded()
         if count != self.num_frames:
             raise VideoReadError(self.path, f"the decoder outputs {count} frames where the container's index lists "
