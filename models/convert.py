@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -120,8 +120,45 @@ def _is_pretrain_only(key: str) -> bool:
     return key.startswith(("decoder.", "decoder_pos_embed.")) or key in ("encoder_to_decoder.weight", "mask_token")
 
 
+def _classifier_name(source: str) -> str:
+    """A checkpoint key under our classifier's name: VideoMAE V2 wraps the ViT as ``backbone``, pre-training
+    checkpoints prefix it with ``encoder``."""
+    return source.removeprefix("backbone.").removeprefix("encoder.")
+
+
+def _head_pooling(keys: Collection[str]) -> Optional[Literal["mean", "token"]]:
+    """What a checkpoint's classification head was trained on (None without a head): ``'mean'``, the mean of the
+    tokens through ``fc_norm``, or ``'token'``, one token after the final ``norm`` (the cls token, or with
+    ``use_mean_pooling=False`` in official and Hugging Face VideoMAE, which have none, the first patch token)."""
+    if "head.weight" not in keys:
+        return None
+    if "fc_norm.weight" in keys:
+        return "mean"
+    return "token" if "norm.weight" in keys else None
+
+
+def _refuse_head_of_other_pooling(keys: Collection[str], global_pool: str) -> None:
+    """A trained head fed other features than it was trained on is another model: refuse it, saying what to set."""
+    trained = _head_pooling(keys)
+    if trained is None or trained == ("mean" if global_pool == "mean" else "token"):
+        return
+    if trained == "token":
+        raise ValueError(
+            "the checkpoint's classification head was trained on one token after the final LayerNorm (official or "
+            "Hugging Face VideoMAE saved with use_mean_pooling=False: the first patch token, as VideoMAE has no cls "
+            "token), but global_pool='mean' would feed it the mean of the tokens through a new fc_norm, which is "
+            "another model. Set model.global_pool=first (cls for a model with a cls token) to load it as trained, "
+            "or leave head.weight/head.bias out of the checkpoint to fine-tune only its encoder"
+        )
+    raise ValueError(
+        f"the checkpoint's classification head was trained on the mean of the tokens through fc_norm "
+        f"(use_mean_pooling=True), but global_pool={global_pool!r} would feed it one token after a final "
+        f"LayerNorm the checkpoint does not have. Set model.global_pool=mean to load it as trained"
+    )
+
+
 def official_to_classifier(
-    sd: Mapping, *, global_pool: Literal["mean", "cls"] = "mean"
+    sd: Mapping, *, global_pool: Literal["mean", "cls", "first"] = "mean"
 ) -> tuple[StateDict, ConversionReport]:
     """Official VideoMAE / VideoMAE V2 checkpoint → state dict of our classifier (``build_classifier``).
 
@@ -130,14 +167,17 @@ def official_to_classifier(
     (decoder, ``encoder_to_decoder``, ``mask_token``) are dropped and listed in the report. With mean pooling
     the encoder's final ``norm`` is dropped too: our mean-pooling classifier has no final norm (it starts a
     fresh ``fc_norm``), exactly as VideoMAE's fine-tuning discards it. Load the result with ``strict=False``
-    when the head (and ``fc_norm``) are new.
+    when the head (and ``fc_norm``) are new. A head trained with the other pooling (``fc_norm`` for mean pooling,
+    the final ``norm`` for one token) is refused: fed other features, it would be another classifier.
     """
+    sd = unwrap_state_dict(sd)
+    _refuse_head_of_other_pooling({_classifier_name(k) for k in sd}, global_pool)
     report = ConversionReport()
     out: StateDict = {}
     unknown = []
-    for source, value in unwrap_state_dict(sd).items():
-        base = source.removeprefix("backbone.")  # VideoMAE V2 wraps the ViT as ``backbone``
-        key = base.removeprefix("encoder.")  # pre-training checkpoints
+    for source, value in sd.items():
+        base = source.removeprefix("backbone.")
+        key = _classifier_name(source)
         if _is_pretrain_only(base) or (global_pool == "mean" and key in ("norm.weight", "norm.bias")):
             report.dropped.append(source)
         elif _CLASSIFIER_KEY.fullmatch(key):
@@ -153,7 +193,10 @@ def official_to_pretrain(sd: Mapping) -> tuple[StateDict, ConversionReport]:
     """Official VideoMAE pre-training checkpoint → state dict of our ``VideoMAE``.
 
     Our pre-training names are the official ones, so this only unwraps and checks that every key belongs to
-    the pre-training model (a fine-tuned checkpoint, for instance, is refused).
+    the pre-training model (a fine-tuned checkpoint, for instance, is refused). LayerScale (``init_values`` in the
+    official code, which builds encoder and decoder blocks with it) keeps its names: ``encoder.blocks.N.gamma_1``
+    and ``decoder.blocks.N.gamma_1``/``gamma_2`` load into a model with ``encoder.layer_scale_init`` /
+    ``decoder.layer_scale_init`` set.
     """
     sd = unwrap_state_dict(sd)
     unknown = [k for k in sd if not _PRETRAIN_KEY.fullmatch(k)]
@@ -234,7 +277,9 @@ def hf_to_ours(sd: Mapping, *, pretrain: bool) -> StateDict:
     Separate q/k/v weights are fused into ``attn.qkv.weight``; q/v biases are accepted under both the
     transformers v4 (``q_bias``/``v_bias``) and v5 (``query.bias``/``value.bias``) names. HF has no k bias and
     neither do we, so nothing is lost. A classification state dict without the ``videomae.`` prefix (a bare
-    ``VideoMAEModel``) is accepted too.
+    ``VideoMAEModel``) is accepted too. A classifier saved with ``use_mean_pooling=True`` has ``fc_norm`` and
+    loads into ``global_pool='mean'``; one saved with ``use_mean_pooling=False`` has the final ``norm`` instead and
+    loads into ``global_pool='first'`` (HF feeds its classifier the first token, VideoMAE having no cls token).
     """
     sd = unwrap_state_dict(sd)
     if not pretrain and not any(k.startswith("videomae.") for k in sd):
@@ -276,8 +321,9 @@ def hf_to_ours(sd: Mapping, *, pretrain: bool) -> StateDict:
 
 
 def ours_to_hf(sd: Mapping, *, pretrain: bool, naming: HFNaming = DEFAULT_HF_NAMING) -> StateDict:
-    """Our ``VideoMAE`` (``pretrain=True``) or mean-pooling classifier state dict → Hugging Face
-    ``VideoMAEForPreTraining`` / ``VideoMAEForVideoClassification`` state dict.
+    """Our ``VideoMAE`` (``pretrain=True``) or classifier state dict → Hugging Face ``VideoMAEForPreTraining`` /
+    ``VideoMAEForVideoClassification`` state dict (a ``global_pool='mean'`` classifier for ``use_mean_pooling=True``,
+    a ``'first'`` one for ``use_mean_pooling=False``).
 
     ``naming`` picks the q/v bias names: ``'v4'`` (``q_bias``/``v_bias``, what v4 checkpoints on the Hub use)
     or ``'v5'`` (``query.bias``/``value.bias``, the modules of transformers >= 5); the default follows the
@@ -331,10 +377,47 @@ class LoadReport:
 
 
 _FRESH_HEAD = ("head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
+# Where our models' blocks live → the config field that gives them LayerScale.
+_CLASSIFIER_LAYER_SCALE = {"blocks.": "model.encoder.layer_scale_init"}
+_PRETRAIN_LAYER_SCALE = {"encoder.blocks.": "model.encoder.layer_scale_init",
+                         "decoder.blocks.": "model.decoder.layer_scale_init"}
 
 
 def _looks_like_hf(sd: Mapping) -> bool:
     return any(k.startswith(("videomae.", "classifier.")) for k in sd)
+
+
+def _has_layer_scale(keys: Iterable[str], blocks: str) -> bool:
+    return any(k.startswith(blocks) and k.endswith((".gamma_1", ".gamma_2")) for k in keys)
+
+
+def _check_layer_scale(checkpoint: Iterable[str], model: Iterable[str], fields: Mapping[str, str]) -> None:
+    """Refuse a checkpoint whose blocks have LayerScale where the model's have none, or the reverse, naming the
+    config field that decides it: a plain missing/unexpected ``gamma_1`` does not say what to change."""
+    checkpoint, model = set(checkpoint), set(model)
+    problems = []
+    for blocks, config_key in fields.items():
+        has, wants = _has_layer_scale(checkpoint, blocks), _has_layer_scale(model, blocks)
+        if has and not wants:
+            problems.append(f"the checkpoint's {blocks}N have LayerScale ({blocks}N.gamma_1/gamma_2; official "
+                            f"VideoMAE's init_values) but the model's do not: set {config_key} to a nonzero value "
+                            f"(e.g. {config_key}=0.1; the checkpoint's values replace it)")
+        elif wants and not has:
+            problems.append(f"the model's {blocks}N have LayerScale but the checkpoint's do not: set {config_key}=0")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _drop_head_of_other_size(sd: StateDict, own: Mapping[str, torch.Tensor]) -> list[str]:
+    """Remove from ``sd`` a head that does not fit the model's (another class count); returns what it removed, under
+    the classifier's names."""
+    dropped = []
+    for source in list(sd):
+        key = _classifier_name(source)
+        if key in ("head.weight", "head.bias") and (key not in own or sd[source].shape != own[key].shape):
+            dropped.append(key)
+            del sd[source]
+    return dropped
 
 
 def load_into_classifier(model, checkpoint: Mapping) -> LoadReport:
@@ -346,6 +429,10 @@ def load_into_classifier(model, checkpoint: Mapping) -> LoadReport:
     * Learnable separable position tables learned for another frame count or resolution are resampled to the
       model's grid (time and space separately); the fixed sin-cos table is rebuilt by the model itself, so a
       16-frame pre-training loads into an 8- or 32-frame classifier.
+    * A head of the model's class count trained with the other pooling (``fc_norm`` for mean pooling, the final
+      ``norm`` for one token, as Hugging Face's ``use_mean_pooling=False``) is refused, naming ``global_pool``.
+    * Blocks with LayerScale in the checkpoint and not in the model, or the reverse, are refused naming
+      ``model.encoder.layer_scale_init``.
     * Any other missing, unexpected or mis-shaped key is an error naming it: only ``head`` and ``fc_norm`` may be
       fresh.
     """
@@ -354,13 +441,12 @@ def load_into_classifier(model, checkpoint: Mapping) -> LoadReport:
     sd = unwrap_state_dict(checkpoint)
     if _looks_like_hf(sd):
         sd = hf_to_ours(sd, pretrain=any(k.startswith("decoder.") for k in sd))
-    sd, conversion = official_to_classifier(sd, global_pool=model.global_pool)
-    report = LoadReport(dropped=list(conversion.dropped))
     own = model.state_dict()
-    for key in ("head.weight", "head.bias"):
-        if key in sd and (key not in own or sd[key].shape != own[key].shape):
-            report.dropped.append(key)
-            del sd[key]
+    # A head of another class count goes before the conversion, which refuses heads trained for other pooling.
+    dropped_head = _drop_head_of_other_size(sd, own)
+    sd, conversion = official_to_classifier(sd, global_pool=model.global_pool)
+    report = LoadReport(dropped=[*conversion.dropped, *dropped_head])
+    _check_layer_scale(sd, own, _CLASSIFIER_LAYER_SCALE)
     grid = model.cfg.grid
     if "pos_embed.spatial" in sd and sd["pos_embed.spatial"].shape != own["pos_embed.spatial"].shape:
         sd["pos_embed.spatial"] = resample_spatial(sd["pos_embed.spatial"], grid[1:])
@@ -379,4 +465,20 @@ def load_into_classifier(model, checkpoint: Mapping) -> LoadReport:
                          f"unexpected {sorted(unexpected)}")
     report.loaded = [k for k in sd if k not in unexpected]
     report.fresh = sorted(missing)
+    return report
+
+
+def load_into_pretrain(model, checkpoint: Mapping) -> ConversionReport:
+    """Load a pre-training checkpoint (ours, official VideoMAE, or Hugging Face ``VideoMAEForPreTraining``) into our
+    ``VideoMAE`` ``model``, strictly: every tensor of the model comes from the checkpoint, none is left over.
+
+    Blocks with LayerScale in the checkpoint and not in the model, or the reverse, are refused naming the config
+    field to set (``model.encoder.layer_scale_init``, ``model.decoder.layer_scale_init``).
+    """
+    sd = unwrap_state_dict(checkpoint)
+    if _looks_like_hf(sd):
+        sd = hf_to_ours(sd, pretrain=True)
+    sd, report = official_to_pretrain(sd)
+    _check_layer_scale(sd, model.state_dict(), _PRETRAIN_LAYER_SCALE)
+    model.load_state_dict(sd)
     return report

@@ -40,6 +40,7 @@ class DecoderConfig:
     num_heads: Optional[int] = None  # None = VideoMAE's heads for the encoder size
     mlp_ratio: float = 4.0  # MLP hidden width / decoder width
     pos_embed: Literal["sincos", "separable"] = "sincos"  # decoder position table
+    layer_scale_init: float = 0.0  # initial LayerScale of the blocks (official init_values); 0 disables it
 
 
 @dataclass
@@ -110,9 +111,10 @@ def _denormalize(pred: torch.Tensor, patches: torch.Tensor, mode: str) -> torch.
 class Decoder(nn.Module):
     """Transformer over visible + mask tokens that predicts the pixels of the last ``num_pred`` tokens."""
 
-    def __init__(self, dim, depth, num_heads, mlp_ratio, out_dim, norm_eps, use_sdpa):
+    def __init__(self, dim, depth, num_heads, mlp_ratio, out_dim, norm_eps, use_sdpa, layer_scale_init=0.0):
         super().__init__()
-        self.blocks = make_blocks(dim, depth, num_heads, mlp_ratio, norm_eps=norm_eps, use_sdpa=use_sdpa)
+        self.blocks = make_blocks(dim, depth, num_heads, mlp_ratio, layer_scale_init=layer_scale_init,
+                                  norm_eps=norm_eps, use_sdpa=use_sdpa)
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, out_dim)
 
@@ -151,7 +153,7 @@ class VideoMAE(nn.Module):
         out_dim = enc.in_chans * self.pred_frames * self.patch**2
         self.decoder = Decoder(
             dec_dim, cfg.decoder.depth, dec_heads, cfg.decoder.mlp_ratio, out_dim, enc.norm_eps,
-            use_sdpa=enc.attention == "sdpa",
+            use_sdpa=enc.attention == "sdpa", layer_scale_init=cfg.decoder.layer_scale_init,
         )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1, 1), False)

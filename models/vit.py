@@ -210,7 +210,9 @@ class VisionTransformer(nn.Module):
     """Video ViT encoder with an optional classification head.
 
     ``global_pool``: ``"mean"`` (VideoMAE: mean of patch tokens → ``fc_norm`` → head, final ``norm`` is identity),
-    ``"cls"`` (``norm`` → cls token → head) or ``"none"`` (pre-training encoder: ``norm`` on every token, no head).
+    ``"cls"`` (``norm`` → cls token → head), ``"first"`` (``norm`` → the first token → head: official and
+    Hugging Face VideoMAE with ``use_mean_pooling=False``; without a cls token it is the first patch token) or
+    ``"none"`` (pre-training encoder: ``norm`` on every token, no head).
     """
 
     def __init__(
@@ -223,10 +225,11 @@ class VisionTransformer(nn.Module):
         init: str = "trunc_normal",
     ):
         super().__init__()
-        if global_pool not in ("none", "mean", "cls"):
-            raise ValueError(f"global_pool must be 'none', 'mean' or 'cls', got {global_pool!r}")
+        if global_pool not in ("none", "mean", "cls", "first"):
+            raise ValueError(f"global_pool must be 'none', 'mean', 'cls' or 'first', got {global_pool!r}")
         if global_pool == "cls" and not cfg.cls_token:
-            raise ValueError("global_pool='cls' needs cls_token=True (VideoMAE has no cls token; use 'mean')")
+            raise ValueError("global_pool='cls' needs cls_token=True (VideoMAE has no cls token; use 'mean', or "
+                             "'first' for a checkpoint trained with use_mean_pooling=False)")
         self.cfg = cfg
         dim, depth, heads = cfg.dims()
         self.embed_dim, self.depth = dim, depth
@@ -295,7 +298,7 @@ class VisionTransformer(nn.Module):
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "mean":
             x = self.fc_norm(tokens[:, self.num_prefix_tokens :].mean(dim=1))
-        elif self.global_pool == "cls":
+        elif self.global_pool in ("cls", "first"):
             x = tokens[:, 0]
         else:
             return tokens
@@ -336,7 +339,9 @@ class VisionTransformer(nn.Module):
 class ClassifierConfig:
     encoder: ViTConfig = field(default_factory=ViTConfig)  # backbone
     num_classes: int = 400  # classes of the linear head
-    global_pool: Literal["mean", "cls"] = "mean"  # VideoMAE mean pooling + fc_norm, or the cls token
+    # VideoMAE mean pooling + fc_norm, the cls token, or the first token after the final norm (official / HF
+    # VideoMAE checkpoints fine-tuned with use_mean_pooling=False: the first patch token)
+    global_pool: Literal["mean", "cls", "first"] = "mean"
     head_drop: float = 0.0  # dropout before the head
     head_init_scale: float = 0.001  # the fresh head's weights are scaled by this (VideoMAE init_scale)
 

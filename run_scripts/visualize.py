@@ -3,9 +3,11 @@
     python run_scripts/visualize.py --config <recipe>.yaml --weights=runs/x/weights.pt [--out=vis.png] [key=value ...]
     python run_scripts/visualize.py --config <recipe>.yaml --weights=runs/x/checkpoints/step_300 ...
 
-``--weights`` is an exported weights file (ours or an official VideoMAE pre-training checkpoint) or a DeepSpeed
-step directory, whose ZeRO partitions are gathered. Clips come from the recipe's training data (the first
-``--videos`` videos, 4 by default) with masks drawn from ``--seed`` (0).
+``--weights`` is an exported weights file (ours or an official VideoMAE pre-training checkpoint), a DeepSpeed
+step directory, whose ZeRO partitions are gathered, or a Hugging Face ``VideoMAEForPreTraining`` checkpoint. The
+recipe's model must match the checkpoint: an official checkpoint built with ``init_values`` needs
+``model.encoder.layer_scale_init`` / ``model.decoder.layer_scale_init`` set, and the error says so. Clips come
+from the recipe's training data (the first ``--videos`` videos, 4 by default) with masks drawn from ``--seed`` (0).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from engine.config import config_from_cli  # noqa: E402
 from engine.pictures import save_reconstructions  # noqa: E402
 from engine.data import train_clips  # noqa: E402
 from engine.pretrain import PretrainConfig, build_model_and_masks  # noqa: E402
-from models.convert import official_to_pretrain  # noqa: E402
+from models.convert import load_into_pretrain  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,8 +33,10 @@ def main(argv=None) -> int:
     if "weights" not in flags:
         raise SystemExit("usage: visualize.py --config RECIPE --weights=PATH [--out=PNG] [--videos=N] [--seed=S]")
     model, masks = build_model_and_masks(cfg)
-    state, _ = official_to_pretrain(read_checkpoint(flags["weights"]))
-    model.load_state_dict(state)
+    try:
+        load_into_pretrain(model, read_checkpoint(flags["weights"]))
+    except ValueError as error:  # the checkpoint does not fit the recipe's model: the message says what to set
+        raise SystemExit(f"cannot load {flags['weights']}: {error}") from None
     dataset = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
     batch = collate_clips([dataset[i] for i in range(min(int(flags.get("videos", 4)), len(dataset)))])
     if batch["video"] is None:

@@ -10,6 +10,8 @@ from transformers import VideoMAEConfig, VideoMAEForPreTraining, VideoMAEForVide
 from models.convert import (  # noqa: E402
     DEFAULT_HF_NAMING,
     hf_to_ours,
+    load_into_classifier,
+    load_into_pretrain,
     official_to_classifier,
     official_to_pretrain,
     ours_to_hf,
@@ -55,10 +57,16 @@ def hf_pretrain(norm_pix_loss: bool = True, seed: int = 0) -> VideoMAEForPreTrai
     return randomize(model, seed)
 
 
-def hf_classifier(seed: int = 0) -> VideoMAEForVideoClassification:
-    model = VideoMAEForVideoClassification(hf_config(use_mean_pooling=True, num_labels=5))
-    model.fc_norm.eps = 1e-6  # same hard-coded 1e-5 as the decoder norm
+def hf_classifier(seed: int = 0, use_mean_pooling: bool = True) -> VideoMAEForVideoClassification:
+    """``use_mean_pooling=False``: no fc_norm; the final LayerNorm over all tokens, then the first token."""
+    model = VideoMAEForVideoClassification(hf_config(use_mean_pooling=use_mean_pooling, num_labels=5))
+    if use_mean_pooling:
+        model.fc_norm.eps = 1e-6  # same hard-coded 1e-5 as the decoder norm
     return randomize(model, seed)
+
+
+# Our pooling for each HF use_mean_pooling.
+POOL_OF_HF = {True: "mean", False: "first"}
 
 
 def encoder_config(**overrides) -> ViTConfig:
@@ -76,8 +84,10 @@ def ours_pretrain(normalize: str = "per_channel", attention: str = "sdpa") -> Vi
     return VideoMAE(cfg).eval()
 
 
-def ours_classifier(**encoder_overrides) -> nn.Module:
-    return build_classifier(ClassifierConfig(encoder=encoder_config(**encoder_overrides), num_classes=5)).eval()
+def ours_classifier(global_pool: str = "mean", num_classes: int = 5, **encoder_overrides) -> nn.Module:
+    cfg = ClassifierConfig(encoder=encoder_config(**encoder_overrides), num_classes=num_classes,
+                           global_pool=global_pool)
+    return build_classifier(cfg).eval()
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -135,9 +145,10 @@ def test_hf_pretraining_matches_ours(norm_pix_loss, attention):
     assert_close(loss, ref.loss)
 
 
-def test_hf_classification_matches_ours():
-    hf = hf_classifier()
-    ours = ours_classifier()
+@pytest.mark.parametrize("use_mean_pooling", [True, False])
+def test_hf_classification_matches_ours(use_mean_pooling):
+    hf = hf_classifier(use_mean_pooling=use_mean_pooling)
+    ours = ours_classifier(POOL_OF_HF[use_mean_pooling])
     ours.load_state_dict(hf_to_ours(hf.state_dict(), pretrain=False), strict=True)
     video, _ = video_and_mask()
     with torch.no_grad():
@@ -159,9 +170,9 @@ def test_hf_v4_naming_is_accepted():
 
 
 @pytest.mark.parametrize("naming", ["v4", "v5"])
-@pytest.mark.parametrize("pretrain", [True, False])
-def test_round_trip_through_hf_is_exact(naming, pretrain):
-    ours = randomize(ours_pretrain() if pretrain else ours_classifier(), seed=2)
+@pytest.mark.parametrize("pretrain, pool", [(True, None), (False, "mean"), (False, "first")])
+def test_round_trip_through_hf_is_exact(naming, pretrain, pool):
+    ours = randomize(ours_pretrain() if pretrain else ours_classifier(pool), seed=2)
     hf_sd = ours_to_hf(ours.state_dict(), pretrain=pretrain, naming=naming)
     assert not any(k.endswith("key.bias") for k in hf_sd)  # HF's key projection has no bias
     q_bias = "attention.attention.q_bias" if naming == "v4" else "attention.attention.query.bias"
@@ -187,13 +198,49 @@ def test_exported_pretraining_model_runs_in_hf(norm_pix_loss):
     assert_close(loss, ref.loss)
 
 
-def test_exported_classifier_runs_in_hf():
-    ours = randomize(ours_classifier(), seed=3)
-    hf = hf_classifier(seed=4)
+@pytest.mark.parametrize("use_mean_pooling", [True, False])
+def test_exported_classifier_runs_in_hf(use_mean_pooling):
+    ours = randomize(ours_classifier(POOL_OF_HF[use_mean_pooling]), seed=3)
+    hf = hf_classifier(seed=4, use_mean_pooling=use_mean_pooling)
     hf.load_state_dict(ours_to_hf(ours.state_dict(), pretrain=False), strict=True)
     video, _ = video_and_mask(seed=5)
     with torch.no_grad():
         assert_close(ours(video), hf(pixel_values=to_hf(video)).logits)
+
+
+def test_hf_classifier_without_mean_pooling_is_never_loaded_as_another_model():
+    """HF's use_mean_pooling=False classifier reads the first token after the final LayerNorm: loaded into mean
+    pooling it would keep the trained head but feed it other features (a fresh fc_norm of the mean)."""
+    hf = hf_classifier(seed=6, use_mean_pooling=False)
+    with pytest.raises(ValueError, match=r"use_mean_pooling=False.*model\.global_pool=first"):
+        load_into_classifier(ours_classifier("mean"), hf.state_dict())
+
+    ours = ours_classifier("first")
+    report = load_into_classifier(ours, hf.state_dict())
+    assert report.dropped == [] and report.fresh == []
+    video, _ = video_and_mask()
+    with torch.no_grad():
+        assert_close(ours(video), hf(pixel_values=to_hf(video)).logits)
+
+    # For another class count the head is dropped anyway: its encoder starts a mean-pooling classifier, as a
+    # pre-trained encoder does, and the report lists what went.
+    report = load_into_classifier(ours_classifier("mean", num_classes=7), hf.state_dict())
+    assert sorted(report.dropped) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    assert sorted(report.fresh) == sorted(HEAD_KEYS)
+
+    # And the reverse: a head trained on fc_norm of the mean is no first-token classifier.
+    with pytest.raises(ValueError, match=r"use_mean_pooling=True.*model\.global_pool=mean"):
+        load_into_classifier(ours_classifier("first"), hf_classifier().state_dict())
+
+
+def test_hf_pretraining_loads_into_our_pretraining_model():
+    hf = hf_pretrain(seed=7)
+    ours = ours_pretrain()
+    report = load_into_pretrain(ours, hf.state_dict())
+    assert report.dropped == []
+    video, mask = video_and_mask()
+    with torch.no_grad():
+        assert_close(ours(video, mask)[1], hf(pixel_values=to_hf(video), bool_masked_pos=mask).logits)
 
 
 # ---- official VideoMAE checkpoints -------------------------------------------------------------------------------
@@ -272,6 +319,9 @@ def test_unknown_keys_are_named():
         ours_to_hf({**ours_sd, "blocks.0.attn.bogus": torch.zeros(1)}, pretrain=False)
     with pytest.raises(ValueError, match=r"blocks\.1\.gamma_2"):  # HF VideoMAE has no LayerScale
         ours_to_hf(ours_classifier(layer_scale_init=0.1).state_dict(), pretrain=False)
+    decoder_layer_scale = PretrainModelConfig(encoder_config(), DecoderConfig(32, 2, 2, layer_scale_init=0.1))
+    with pytest.raises(ValueError, match=r"decoder\.blocks\.1\.gamma_2"):  # nor in its decoder
+        ours_to_hf(VideoMAE(decoder_layer_scale).state_dict(), pretrain=True)
 
     with pytest.raises(ValueError, match=r"encoder\.pos_embed"):  # a learnable joint table we cannot hold
         official_to_classifier({**ours_sd, "encoder.pos_embed": torch.zeros(1, 32, 64)})

@@ -8,13 +8,14 @@ DeepSpeed step directories written by a real run are covered by tests/test_pretr
 import argparse
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from engine.checkpoint import MARKER, UnsafeCheckpointError, export_weights, read_checkpoint
-from models.convert import load_into_classifier
+from models.convert import load_into_classifier, load_into_pretrain, official_to_pretrain
 from models.pos_embed import resample_spatial, resample_temporal
 from models.videomae import DecoderConfig, PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
@@ -100,6 +101,26 @@ def test_videomae_v2_finetuned_checkpoint_with_another_head(tmp_path):
             assert torch.equal(value, finetuned.state_dict()[key]), key
 
 
+def test_official_finetuned_checkpoint_without_mean_pooling(tmp_path):
+    """Official VideoMAE fine-tuned with use_mean_pooling=False keeps its final ``norm`` and feeds the head the
+    first token: it loads as trained into global_pool='first', and never into mean pooling with its head kept."""
+    finetuned = randomized(classifier(global_pool="first"))
+    assert "fc_norm.weight" not in finetuned.state_dict()
+    path = tmp_path / "checkpoint-best.pth"
+    torch.save({"module": finetuned.state_dict(), "epoch": 29, "args": official_args(use_mean_pooling=False)}, path)
+    with pytest.raises(ValueError, match=r"one token after the final LayerNorm.*model\.global_pool=first"):
+        load_into_classifier(classifier(), read_checkpoint(path))
+    target = classifier(global_pool="first")
+    report = load_into_classifier(target, read_checkpoint(path))
+    assert report.dropped == [] and report.fresh == []
+    video = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(video), finetuned(video))
+        # The first patch token after the final norm, as in the official forward_features.
+        expected = finetuned.head(finetuned.forward_features(video)[:, 0])
+    torch.testing.assert_close(target(video), expected)
+
+
 def test_numpy_scalars_are_allowed(tmp_path):
     path = tmp_path / "checkpoint.pth"
     torch.save({"model": classifier().state_dict(), "epoch": np.int64(3), "max_accuracy": np.float64(81.5),
@@ -107,6 +128,97 @@ def test_numpy_scalars_are_allowed(tmp_path):
     checkpoint = read_checkpoint(path)
     assert (checkpoint["epoch"], checkpoint["max_accuracy"], checkpoint["scale"]) == (3, 81.5, 2.0)
     assert isinstance(checkpoint["max_accuracy"], np.float64)
+
+
+# ---- official VideoMAE pre-training with LayerScale (the official code builds encoder and decoder with init_values)
+
+
+def layer_scale_model(decoder: float = 0.0, encoder_: float = 0.0) -> VideoMAE:
+    cfg = PretrainModelConfig(encoder(layer_scale_init=encoder_), DecoderConfig(depth=2, layer_scale_init=decoder))
+    return VideoMAE(cfg).eval()
+
+
+def official_layer_scale_state_dict(parts=("decoder",)) -> dict:
+    """An official pre-training state dict whose ``parts`` blocks have LayerScale, written without our option: the
+    weights of a model without it plus ``<part>.blocks.N.gamma_1``/``gamma_2``, random and nowhere near 1."""
+    sd = randomized(layer_scale_model()).state_dict()
+    g = torch.Generator().manual_seed(7)
+    for key in list(sd):
+        block = re.fullmatch(rf"((?:{'|'.join(parts)})\.blocks\.\d+)\.norm1\.weight", key)
+        if block:
+            for name in ("gamma_1", "gamma_2"):
+                sd[f"{block[1]}.{name}"] = 0.1 + 0.4 * torch.rand(sd[key].shape, generator=g)
+    return sd
+
+
+def fold_layer_scale(sd: dict) -> dict:
+    """The same network without LayerScale: the official block computes ``x + gamma_1 * attn(norm1(x))`` and
+    ``x + gamma_2 * mlp(norm2(x))``, so gamma_1 folds into the attention's output projection and gamma_2 into
+    the MLP's last layer."""
+    out = {k: v for k, v in sd.items() if not k.endswith((".gamma_1", ".gamma_2"))}
+    for key, gamma in sd.items():
+        if key.endswith((".gamma_1", ".gamma_2")):
+            block, name = key.rsplit(".", 1)
+            layer = f"{block}.{'attn.proj' if name == 'gamma_1' else 'mlp.fc2'}"
+            out[f"{layer}.weight"] = gamma[:, None] * sd[f"{layer}.weight"]
+            out[f"{layer}.bias"] = gamma * sd[f"{layer}.bias"]
+    return out
+
+
+def clip_and_mask(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A clip for ``encoder()`` (64 tokens) and a mask hiding 48 tokens of each sample."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.stack([torch.randperm(64, generator=g) < 48 for _ in range(2)])
+    return torch.randn(2, 3, 8, 32, 32, generator=g), mask
+
+
+def test_official_pretraining_checkpoint_with_decoder_layer_scale(tmp_path):
+    sd = official_layer_scale_state_dict()
+    path = tmp_path / "checkpoint-1599.pth"
+    torch.save({"model": sd, "epoch": 1599, "args": official_args(init_values=0.1)}, path)
+    checkpoint = read_checkpoint(path)
+
+    converted, report = official_to_pretrain(checkpoint)  # the official names are ours: carried as they are
+    assert converted.keys() == sd.keys() and all(torch.equal(converted[k], v) for k, v in sd.items())
+    assert report.dropped == []
+    with pytest.raises(ValueError, match=r"decoder\.blocks\.N have LayerScale.*set model\.decoder\.layer_scale_init"):
+        load_into_pretrain(layer_scale_model(), checkpoint)  # the default decoder has none
+    model = layer_scale_model(decoder=0.1)
+    load_into_pretrain(model, checkpoint)
+    assert torch.equal(model.decoder.blocks[1].gamma_2, sd["decoder.blocks.1.gamma_2"])
+
+    folded, without = layer_scale_model(), layer_scale_model()
+    folded.load_state_dict(fold_layer_scale(sd))
+    without.load_state_dict({k: v for k, v in sd.items() if "gamma" not in k})
+    video, mask = clip_and_mask()
+    with torch.no_grad():
+        loss, pred, _ = model(video, mask)
+        expected_loss, expected, _ = folded(video, mask)
+        _, plain, _ = without(video, mask)
+    torch.testing.assert_close(pred, expected)
+    torch.testing.assert_close(loss, expected_loss)
+    assert (pred - plain).abs().max() > 100 * (pred - expected).abs().max() + 1e-3  # the gammas matter
+
+    # Fine-tuning from it: the decoder's gammas go with the rest of the decoder, listed.
+    report = load_into_classifier(classifier(), checkpoint)
+    assert {"decoder.blocks.0.gamma_1", "decoder.blocks.1.gamma_2"} <= set(report.dropped)
+
+
+def test_layer_scale_mismatches_name_the_config_fields():
+    both = official_layer_scale_state_dict(parts=("encoder", "decoder"))
+    with pytest.raises(ValueError) as error:
+        load_into_pretrain(layer_scale_model(), both)
+    assert "model.encoder.layer_scale_init" in str(error.value) and "model.decoder.layer_scale_init" in str(error.value)
+    load_into_pretrain(layer_scale_model(decoder=0.1, encoder_=0.1), both)
+    with pytest.raises(ValueError, match=r"blocks\.N have LayerScale .*set model\.encoder\.layer_scale_init"):
+        load_into_classifier(classifier(), both)  # the encoder's gammas need a classifier with LayerScale too
+    load_into_classifier(classifier(layer_scale_init=0.1), both)
+
+    plain = randomized(layer_scale_model()).state_dict()
+    assert not any("gamma" in k for k in plain)  # LayerScale stays off by default
+    with pytest.raises(ValueError, match=r"the model's decoder\.blocks\.N have LayerScale .*model\.decoder\."
+                                         r"layer_scale_init=0"):
+        load_into_pretrain(layer_scale_model(decoder=0.1), plain)
 
 
 # ---- files that are refused ----------------------------------------------------------------------------------
