@@ -121,6 +121,7 @@ class TrainClips(_ClipSource):
 
     def __init__(self, records, cfg: DataConfig, clip_len: int, size: int, repeats: int = 1, seed: int = 0):
         super().__init__(records, cfg, clip_len)
+        self.size = size
         self.repeats = repeats
         self.seed = seed
         self.epoch = 0
@@ -138,6 +139,12 @@ class TrainClips(_ClipSource):
             return [segment_indices(num_frames, self.clip_len, rng) for _ in range(self.repeats)]
         return repeated_dense_indices(num_frames, self.clip_len, cfg.sampling_rate, self.repeats, rng,
                                       self._short_policy)
+
+    def blank_item(self) -> dict:
+        """An item shaped like a decoded video's, all zeros: what a rank trains on, with zero weight, when every
+        video of its micro-batch failed, so that it still takes part in the step's collectives."""
+        video = torch.zeros(self.repeats, 3, self.clip_len, self.size, self.size, dtype=torch.uint8)
+        return {"video": video, "label": 0, "index": -1, "view": 0}
 
     def __getitem__(self, index: int):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.sampler import ResumableDistributedSampler
@@ -34,7 +35,7 @@ class Task(Protocol):
     """What a training task brings to the loop."""
 
     model: torch.nn.Module  # the bare model; the loop wraps it in a DeepSpeed engine
-    train_set: Dataset  # items collated by collate_clips; has set_epoch(epoch)
+    train_set: Dataset  # items collated by collate_clips; has set_epoch(epoch) and blank_item()
 
     def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The scalar loss of one collated micro-batch (already on the device)."""
@@ -65,6 +66,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch
     consumed: int = 0  # this rank's sampler indices used in the current epoch
+    unreadable: int = 0  # videos that failed to decode so far, summed over ranks (a video counts once per epoch)
 
 
 class TrainingStopped(RuntimeError):
@@ -150,7 +152,8 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
 
     guard = preempt.install(cfg.run.requeue_signal, cfg.run.stop_signal)
     metrics = MetricsWriter(out, enabled=info.is_main)
-    throughput, failures = Throughput(), 0
+    throughput = Throughput()
+    unreadable = UnreadableLog(out, info.is_main)
     flops = task.train_flops_per_clip()
     micro_per_epoch = derived.steps_per_epoch * cfg.batch.grad_accum
     loss = None  # a resume at the very end of an epoch trains no micro-step before that epoch's save
@@ -169,26 +172,26 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                 if micro >= micro_per_epoch or state.step >= derived.total_steps:
                     break
                 data_wait = time.perf_counter() - waited
-                failures += len(batch["failures"])
-                if batch["video"] is None:
-                    raise RuntimeError("every video of a micro-batch failed to decode: "
-                                       + "; ".join(f"{f.path}: {f.reason}" for f in batch["failures"]))
+                unreadable.add(batch["failures"], state.step)
                 lr, wd = apply_schedules(engine.optimizer, state.step, schedules)
-                loss = task.loss(engine, _to_device(batch, device), generator)
+                loss, clips = _micro_batch_loss(task, engine, batch, cfg.batch.micro_batch, generator)
                 boundary = ds.engine_step(engine, loss)
                 micro += 1
                 state.consumed += cfg.batch.micro_batch
-                throughput.add(batch["video"].shape[0], data_wait)
+                throughput.add(clips, data_wait)
                 if boundary:
                     state.step += 1
                     task.after_step(engine, state.step)
                     if progress:
                         progress.update(state.step)
-                    if state.step % cfg.run.log_every == 0 or state.step == derived.total_steps:
-                        _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures)
                     periodic = cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0
                     # The same decision on every rank (poll is a collective); the last step finishes normally.
                     request = guard.poll() if state.step < derived.total_steps else None
+                    logging_step = state.step % cfg.run.log_every == 0 or state.step == derived.total_steps
+                    if logging_step or periodic or request is not None:
+                        state.unreadable += unreadable.gather()  # a collective: the same steps on every rank
+                    if logging_step:
+                        _log_step(metrics, engine, state, loss, lr, wd, throughput, flops)
                     if periodic or request is not None:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
                         _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
@@ -202,6 +205,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                 metrics.write(state.step, {"epoch": state.epoch, **epoch_metrics})
             last = state.step >= derived.total_steps
             if last or state.epoch % cfg.run.save_every_epochs == 0:
+                state.unreadable += unreadable.gather()
                 if loss is not None:
                     _check_finite(engine, loss.item(), state.step)
                 _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
@@ -214,12 +218,76 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     return state
 
 
+class UnreadableLog:
+    """Every video that failed to decode in training, named once: gathered from all ranks at the steps every rank
+    reaches together (logging steps, checkpoints), logged by rank 0 with its reason and appended to
+    ``<output_dir>/unreadable_videos.tsv`` (path, reason, step). The file is append-only and read back on resume,
+    so a replay after a kill neither repeats nor loses a name."""
+
+    FILE = "unreadable_videos.tsv"
+
+    def __init__(self, output_dir, is_main: bool):
+        self.path = Path(output_dir) / self.FILE
+        self.is_main = is_main
+        self.pending: list[tuple[str, str, int]] = []  # this rank's failures since the last gather
+        self.named = self._read_names() if is_main else set()
+
+    def _read_names(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        return {line.split("\t", 1)[0] for line in self.path.read_text().splitlines()[1:] if line}
+
+    def add(self, failures, step: int) -> None:
+        self.pending += [(failure.path, failure.reason, step) for failure in failures]
+
+    def gather(self) -> int:
+        """Collect every rank's pending failures on rank 0 and name the new ones (call on every rank at the same
+        point); returns how many failures all ranks saw since the last call."""
+        gathered = [self.pending]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.pending)
+        self.pending = []
+        failures = sorted(failure for part in gathered for failure in part)
+        if self.is_main:
+            self._name_new(failures)
+        return len(failures)
+
+    def _name_new(self, failures: list[tuple[str, str, int]]) -> None:
+        new = []
+        for path, reason, step in failures:
+            if path not in self.named:
+                self.named.add(path)
+                new.append((path, reason, step))
+                log.warning("unreadable video (skipped, listed in %s): %s: %s", self.FILE, path, reason)
+        if new:
+            header = "" if self.path.exists() else "path\treason\tstep\n"
+            with self.path.open("a") as handle:
+                handle.write(header + "".join(f"{path}\t{_one_line(reason)}\t{step}\n" for path, reason, step in new))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _loader_seed_source(cfg, state: TrainState) -> torch.Generator:
     """What the DataLoader draws its workers' base seed from when an epoch's iterator starts. Without it the draw
     comes from the global torch RNG -- which drop path also uses -- and a run resumed mid-epoch, which starts an
     extra iterator, would continue on a shifted stream. (Clips do not depend on it: they are seeded by
     (seed, epoch, index).)"""
     return torch.Generator().manual_seed(cfg.run.seed * 100003 + state.epoch)
+
+
+def _micro_batch_loss(task: Task, engine, batch: dict, micro_batch: int, generator) -> tuple[torch.Tensor, int]:
+    """(loss, clips trained on) of one micro-batch. When every video of it failed to decode, this rank still runs
+    the step on blank clips with zero weight: DeepSpeed's gradient reductions, ZeRO-3's parameter gathers and its
+    accumulation count stay matched on every rank (a rank that raised or skipped would hang the others), and the
+    run goes on. Its gradient is zero, so the step averages the other ranks' gradients with a zero; where every
+    rank's micro-batch failed, AdamW still steps on its moments and weight decay, as after any zero gradient."""
+    if batch["video"] is not None:
+        return task.loss(engine, _to_device(batch, engine.device), generator), batch["video"].shape[0]
+    blank = collate_clips([task.train_set.blank_item() for _ in range(micro_batch)])
+    return task.loss(engine, _to_device(blank, engine.device), generator) * 0.0, 0
 
 
 def _preempted(request: preempt.StopRequest, step: int, info: DistInfo) -> Preempted:
@@ -262,13 +330,13 @@ def _check_finite(engine, value: float, step: int) -> None:
                             "is kept, resume from it after fixing the cause")
 
 
-def _log_step(metrics, engine, state, loss, lr, wd, throughput, flops, failures) -> None:
+def _log_step(metrics, engine, state, loss, lr, wd, throughput, flops) -> None:
     value = loss.item()  # the one host sync of a logging step
     _check_finite(engine, value, state.step)
     rates = throughput.read()
     record = {"epoch": state.epoch, "loss": value, "lr": lr, "wd": wd, "grad_norm": ds.global_grad_norm(engine),
               **rates, **utilization(flops, rates["clips_per_s"], ds.peak_flops()),
-              "peak_mem_gib": peak_memory_gib(), "unreadable_videos": failures}
+              "peak_mem_gib": peak_memory_gib(), "unreadable_videos": state.unreadable}
     scale = ds.loss_scale(engine)
     if scale is not None:
         record.update(loss_scale=scale, skipped_steps=ds.skipped_steps(engine))
