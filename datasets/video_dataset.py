@@ -3,8 +3,8 @@
 Every item is a dict ``{"video": uint8 (V, C, T, H, W), "label": int, "index": int, "view": int}`` where V is
 the number of clips cut from one decode (repeated sampling in training, spatial crops in testing), or a
 ``Failure`` when the video could not be read. ``collate_clips`` flattens V into the batch and passes the
-failures on, so the training loop can count them and the evaluator can list the videos it could not score:
-an unreadable video is never replaced by another one.
+failures on, so the training loop can count and name them and the evaluator can list the videos it could not
+score: an unreadable video is never replaced by another one.
 """
 
 from __future__ import annotations
@@ -224,8 +224,9 @@ def _take(frames: torch.Tensor, positions: list[int]) -> torch.Tensor:
 def collate_clips(items: list) -> dict:
     """Stack items into a batch: video uint8 (ΣV, C, T, H, W); label, index, view (ΣV,); failures list.
 
-    With every item failed, ``video`` is None: the caller decides (the training loop must still take part
-    in collectives, the evaluator only records the failures).
+    With every item failed, ``video`` is None: the caller decides (the training loop, which must still take
+    part in collectives, trains on the dataset's ``blank_item`` with zero weight; the evaluator only records the
+    failures).
     """
     good = [item for item in items if not isinstance(item, Failure)]
     failures = [item for item in items if isinstance(item, Failure)]

@@ -47,6 +47,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "barrier",
+    "cpu_group",
     "cleanup",
     "setup_logging",
 ]
@@ -407,6 +408,23 @@ def barrier() -> None:
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
+
+
+# This process's gloo group of every rank (see cpu_group), made on first use: (default group it was made in, group).
+_cpu_group: Optional[tuple] = None
+
+
+def cpu_group():
+    """A gloo group of every rank, for small agreements made on the host (stop flags, the names of unreadable
+    videos): under NCCL a collective of CPU values would copy them to the GPU and wait for it to drain. None
+    without a process group of more than one rank. The first call creates the group, a collective itself: make
+    it at the same point on every rank."""
+    global _cpu_group
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if _cpu_group is None or _cpu_group[0] is not dist.group.WORLD:  # none yet, or one of a destroyed group
+        _cpu_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
+    return _cpu_group[1]
 
 
 def cleanup() -> None:

@@ -232,8 +232,10 @@ class FinetuneTask:
         video = model_input(batch["video"], self.cfg.data, ds.input_dtype(engine))
         targets = batch["label"]
         if self.mixup is not None:
-            if video.shape[0] % 2:  # an unreadable video left an odd batch: mixup pairs clips
-                video, targets = video[:-1], targets[:-1]
+            if video.shape[0] % 2:
+                # An unreadable video left an odd batch and mixup pairs clips: the last clip goes twice. Dropping
+                # it instead would leave nothing of a batch of one clip (a NaN loss, which stops the run).
+                video, targets = torch.cat([video, video[-1:]]), torch.cat([targets, targets[-1:]])
             video, targets = self.mixup(video, targets)
         logits = engine(video, self._mask(video.shape[0], video.device, generator))
         return classification_loss(logits.float(), targets, self.cfg.mixup.label_smoothing)

@@ -2,7 +2,8 @@
 
 A task supplies the model, its training dataset and what one micro-batch costs (``Task.loss``); the loop
 owns everything else: DeepSpeed, the lr/wd schedules by global step, gradient accumulation, the resumable
-sampler, checkpoints with exact resume, metrics and the non-finite-loss stop.
+sampler, checkpoints with exact resume, metrics, the non-finite-loss stop, and micro-batches whose videos could
+not be read (zero-weight blank steps, ``engine.unreadable``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from datasets.sampler import ResumableDistributedSampler
@@ -27,6 +27,7 @@ from engine.config import Derived, save_config
 from engine.dist import DistInfo, barrier
 from engine.metrics import MetricsWriter, Throughput, peak_memory_gib, utilization
 from engine.optim import Schedules, apply_schedules, build_optimizer, describe_groups
+from engine.unreadable import UnreadableLog
 
 log = logging.getLogger("train")
 
@@ -157,6 +158,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     flops = task.train_flops_per_clip()
     micro_per_epoch = derived.steps_per_epoch * cfg.batch.grad_accum
     loss = None  # a resume at the very end of an epoch trains no micro-step before that epoch's save
+    shown = None  # the loss of this step's last micro-batch that had clips: what the metrics record shows
     progress = ProgressLine(state.step, derived.total_steps) if info.is_main and sys.stderr.isatty() else None
     try:
         while state.step < derived.total_steps:
@@ -172,9 +174,11 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                 if micro >= micro_per_epoch or state.step >= derived.total_steps:
                     break
                 data_wait = time.perf_counter() - waited
-                unreadable.add(batch["failures"], state.step)
+                unreadable.add(batch["failures"], state.step + 1, state.epoch)
                 lr, wd = apply_schedules(engine.optimizer, state.step, schedules)
                 loss, clips = _micro_batch_loss(task, engine, batch, cfg.batch.micro_batch, generator)
+                if clips:
+                    shown = loss
                 boundary = ds.engine_step(engine, loss)
                 micro += 1
                 state.consumed += cfg.batch.micro_batch
@@ -191,7 +195,8 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                     if logging_step or periodic or request is not None:
                         state.unreadable += unreadable.gather()  # a collective: the same steps on every rank
                     if logging_step:
-                        _log_step(metrics, engine, state, loss, lr, wd, throughput, flops)
+                        _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops)
+                    shown = None
                     if periodic or request is not None:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
                         _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
@@ -218,58 +223,6 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     return state
 
 
-class UnreadableLog:
-    """Every video that failed to decode in training, named once: gathered from all ranks at the steps every rank
-    reaches together (logging steps, checkpoints), logged by rank 0 with its reason and appended to
-    ``<output_dir>/unreadable_videos.tsv`` (path, reason, step). The file is append-only and read back on resume,
-    so a replay after a kill neither repeats nor loses a name."""
-
-    FILE = "unreadable_videos.tsv"
-
-    def __init__(self, output_dir, is_main: bool):
-        self.path = Path(output_dir) / self.FILE
-        self.is_main = is_main
-        self.pending: list[tuple[str, str, int]] = []  # this rank's failures since the last gather
-        self.named = self._read_names() if is_main else set()
-
-    def _read_names(self) -> set[str]:
-        if not self.path.exists():
-            return set()
-        return {line.split("\t", 1)[0] for line in self.path.read_text().splitlines()[1:] if line}
-
-    def add(self, failures, step: int) -> None:
-        self.pending += [(failure.path, failure.reason, step) for failure in failures]
-
-    def gather(self) -> int:
-        """Collect every rank's pending failures on rank 0 and name the new ones (call on every rank at the same
-        point); returns how many failures all ranks saw since the last call."""
-        gathered = [self.pending]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.pending)
-        self.pending = []
-        failures = sorted(failure for part in gathered for failure in part)
-        if self.is_main:
-            self._name_new(failures)
-        return len(failures)
-
-    def _name_new(self, failures: list[tuple[str, str, int]]) -> None:
-        new = []
-        for path, reason, step in failures:
-            if path not in self.named:
-                self.named.add(path)
-                new.append((path, reason, step))
-                log.warning("unreadable video (skipped, listed in %s): %s: %s", self.FILE, path, reason)
-        if new:
-            header = "" if self.path.exists() else "path\treason\tstep\n"
-            with self.path.open("a") as handle:
-                handle.write(header + "".join(f"{path}\t{_one_line(reason)}\t{step}\n" for path, reason, step in new))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _loader_seed_source(cfg, state: TrainState) -> torch.Generator:
     """What the DataLoader draws its workers' base seed from when an epoch's iterator starts. Without it the draw
     comes from the global torch RNG -- which drop path also uses -- and a run resumed mid-epoch, which starts an
@@ -282,8 +235,10 @@ def _micro_batch_loss(task: Task, engine, batch: dict, micro_batch: int, generat
     """(loss, clips trained on) of one micro-batch. When every video of it failed to decode, this rank still runs
     the step on blank clips with zero weight: DeepSpeed's gradient reductions, ZeRO-3's parameter gathers and its
     accumulation count stay matched on every rank (a rank that raised or skipped would hang the others), and the
-    run goes on. Its gradient is zero, so the step averages the other ranks' gradients with a zero; where every
-    rank's micro-batch failed, AdamW still steps on its moments and weight decay, as after any zero gradient."""
+    run goes on. The blank micro-batch is as large as a decoded one (same shapes: a compiled model does not
+    recompile; the other ranks take as long) and, being finite, makes the gradient exactly zero. The step then
+    averages the other ranks' gradients with that zero; where every rank's micro-batch failed, AdamW still steps
+    on its moments and weight decay, as after any zero gradient."""
     if batch["video"] is not None:
         return task.loss(engine, _to_device(batch, engine.device), generator), batch["video"].shape[0]
     blank = collate_clips([task.train_set.blank_item() for _ in range(micro_batch)])
@@ -330,13 +285,20 @@ def _check_finite(engine, value: float, step: int) -> None:
                             "is kept, resume from it after fixing the cause")
 
 
-def _log_step(metrics, engine, state, loss, lr, wd, throughput, flops) -> None:
-    value = loss.item()  # the one host sync of a logging step
+def _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops) -> None:
+    """``loss``: the last micro-batch's, checked; ``shown``: the last one with clips in this step, recorded. A step
+    in which this rank decoded nothing has no loss to show: its record leaves "loss" out rather than log the 0 of
+    a zero-weighted blank micro-batch as if the model were perfect."""
+    value = loss.item()  # the one host sync of a logging step (two when the last micro-batch was blank)
     _check_finite(engine, value, state.step)
+    record = {"epoch": state.epoch}
+    if shown is not None:
+        record["loss"] = value if shown is loss else shown.item()
+        _check_finite(engine, record["loss"], state.step)
     rates = throughput.read()
-    record = {"epoch": state.epoch, "loss": value, "lr": lr, "wd": wd, "grad_norm": ds.global_grad_norm(engine),
-              **rates, **utilization(flops, rates["clips_per_s"], ds.peak_flops()),
-              "peak_mem_gib": peak_memory_gib(), "unreadable_videos": state.unreadable}
+    record.update({"lr": lr, "wd": wd, "grad_norm": ds.global_grad_norm(engine), **rates,
+                   **utilization(flops, rates["clips_per_s"], ds.peak_flops()), "peak_mem_gib": peak_memory_gib(),
+                   "unreadable_videos": state.unreadable})
     scale = ds.loss_scale(engine)
     if scale is not None:
         record.update(loss_scale=scale, skipped_steps=ds.skipped_steps(engine))

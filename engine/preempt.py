@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from engine.dist import cpu_group
+
 log = logging.getLogger(__name__)
 
 # EX_TEMPFAIL: "try again later" -- what a run that stopped to be resumed exits with.
@@ -68,7 +70,6 @@ class PreemptionGuard:
         self.received: list[signal.Signals] = []
         self._owner = os.getpid()
         self._previous: dict[signal.Signals, object] = {}
-        self._cpu_group = None
 
     @property
     def signals(self) -> list[signal.Signals]:
@@ -97,16 +98,15 @@ class PreemptionGuard:
         """Whether any rank received a signal, decided identically on every rank (a collective when there is
         a process group of more than one rank: call it at the same step on all of them).
 
-        The flags travel through a CPU (gloo) group of their own: an all-reduce of GPU tensors read back on the
-        host would make every step wait for the GPU to drain."""
+        The flags travel through the CPU (gloo) group (``engine.dist.cpu_group``): an all-reduce of GPU tensors
+        read back on the host would make every step wait for the GPU to drain."""
         if not self.signals:
             return None
         flags = [float(self.requeue_signal in self.received), float(self.stop_signal in self.received)]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if self._cpu_group is None:
-                self._cpu_group = dist.new_group(backend="gloo")  # collective too: the first poll, on every rank
+        group = cpu_group()  # None for a single process
+        if group is not None:
             agreed = torch.tensor(flags)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self._cpu_group)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
             flags = agreed.tolist()
         requeue, stop = (flag > 0 for flag in flags)
         if not (requeue or stop):
