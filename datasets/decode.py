@@ -227,9 +227,9 @@ def _index_packets(container, stream, path: str) -> StreamIndex:
     if "mp4" in container.format.name and stream.frames and len(packets) < stream.frames:
         raise VideoReadError(path, f"truncated: the header lists {stream.frames} frames, the file holds "
                                    f"{len(packets)}")
-    all_pts = [pts for pts, _, _ in packets]
-    shown = sorted(pts for pts, _, discard in packets if not discard) if None not in all_pts else []
-    keyframes = sorted(pts for pts, key, _ in packets if key) if None not in all_pts else []
+    timed = None not in (pts for pts, _, _ in packets)  # else no order to sort by: frames are counted instead
+    shown = sorted(pts for pts, _, discard in packets if not discard) if timed else []
+    keyframes = sorted(pts for pts, key, _ in packets if key) if timed else []
     closed = all_keyframes_idr or (idr_check is None and not stream.codec_context.has_b_frames)
     return StreamIndex(shown, keyframes, stream.time_base, untrusted=_untrusted(packets, stream),
                        open_gop=not closed or _has_leading_frames(packets),
@@ -280,10 +280,10 @@ class _IdrCheck:
         if codec not in ("h264", "hevc"):
             return None
         extra = stream.codec_context.extradata or b""
-        length_size = None
-        if extra[:1] == b"\x01":  # avcC / hvcC configuration record: NAL units carry length prefixes
-            length_size = (extra[4 if codec == "h264" else 21] & 3) + 1 if len(extra) > 21 or codec == "h264" else 4
-        return cls(codec, length_size)
+        if extra[:1] != b"\x01":  # no avcC / hvcC configuration record: Annex B start codes
+            return cls(codec, None)
+        field = 4 if codec == "h264" else 21  # the byte holding lengthSizeMinusOne in its low two bits
+        return cls(codec, (extra[field] & 3) + 1 if len(extra) > field else 4)
 
     def is_idr(self, data: bytes) -> bool:
         for header in self._nal_headers(data):
@@ -422,9 +422,9 @@ class DecordSource(VideoSource):
                                             f"{len(index.pts)}; read it with backend='pyav'")
         starts = self._reader.get_frame_timestamp(list(range(self.num_frames)))[:, 0]
         expected = np.array([float(pts * index.time_base) for pts in index.pts])
-        tick = float(index.time_base)
-        if not np.allclose(starts, expected, rtol=0, atol=max(tick / 2, 1e-4)):
-            first = int(np.argmax(~np.isclose(starts, expected, rtol=0, atol=max(tick / 2, 1e-4))))
+        misplaced = ~np.isclose(starts, expected, rtol=0, atol=max(float(index.time_base) / 2, 1e-4))
+        if misplaced.any():
+            first = int(np.argmax(misplaced))
             raise VideoReadError(self.path, f"decord places frame {first} at {starts[first]:.4f} s, the container "
                                             f"at {expected[first]:.4f} s; read it with backend='pyav'")
 

@@ -81,10 +81,20 @@ class Failure:
 class _ClipSource(Dataset):
     """Reads the frames one item needs, once, whatever the number of clips cut from them."""
 
-    def __init__(self, records: list[VideoRecord], cfg: DataConfig, clip_len: int):
+    clips_per_item = 1  # clips (or crops) one item holds
+
+    def __init__(self, records: list[VideoRecord], cfg: DataConfig, clip_len: int, size: int):
         self.records = records
         self.cfg = cfg
         self.clip_len = clip_len
+        self.size = size
+
+    def blank_item(self) -> dict:
+        """An item shaped like a decoded video's, all zeros: what a rank runs, with zero weight in training and
+        unscored in evaluation, when every video of its micro-batch failed, so that it still takes part in the
+        collectives of the step (DeepSpeed's reductions, ZeRO-3's parameter gathers)."""
+        video = torch.zeros(self.clips_per_item, 3, self.clip_len, self.size, self.size, dtype=torch.uint8)
+        return {"video": video, "label": 0, "index": -1, "view": 0}
 
     def _decode_clips(self, record: VideoRecord, choose) -> list[torch.Tensor]:
         """``choose(num_frames) -> list of index lists``; returns uint8 clips (T, C, H, W), one per list."""
@@ -120,8 +130,7 @@ class TrainClips(_ClipSource):
     """
 
     def __init__(self, records, cfg: DataConfig, clip_len: int, size: int, repeats: int = 1, seed: int = 0):
-        super().__init__(records, cfg, clip_len)
-        self.size = size
+        super().__init__(records, cfg, clip_len, size)
         self.repeats = repeats
         self.seed = seed
         self.epoch = 0
@@ -140,11 +149,9 @@ class TrainClips(_ClipSource):
         return repeated_dense_indices(num_frames, self.clip_len, cfg.sampling_rate, self.repeats, rng,
                                       self._short_policy)
 
-    def blank_item(self) -> dict:
-        """An item shaped like a decoded video's, all zeros: what a rank trains on, with zero weight, when every
-        video of its micro-batch failed, so that it still takes part in the step's collectives."""
-        video = torch.zeros(self.repeats, 3, self.clip_len, self.size, self.size, dtype=torch.uint8)
-        return {"video": video, "label": 0, "index": -1, "view": 0}
+    @property
+    def clips_per_item(self) -> int:
+        return self.repeats
 
     def __getitem__(self, index: int):
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
@@ -162,14 +169,17 @@ class EvalClips(_ClipSource):
     own frames, cut into 1 or 3 spatial crops. ``K = test_temporal_views`` (1 for validation)."""
 
     def __init__(self, records, cfg: DataConfig, clip_len: int, size: int, temporal_views: Optional[int] = None):
-        super().__init__(records, cfg, clip_len)
-        self.size = size
+        super().__init__(records, cfg, clip_len, size)
         self.temporal_views = temporal_views or cfg.test_temporal_views
         self.num_spatial_views = cfg.eval_augment.num_spatial_views
         self.views = build_eval_views(cfg.eval_augment, size)
 
     def __len__(self) -> int:
         return len(self.records) * self.temporal_views
+
+    @property
+    def clips_per_item(self) -> int:
+        return self.num_spatial_views
 
     @property
     def views_per_video(self) -> int:

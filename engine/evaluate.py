@@ -163,7 +163,7 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     (B, num_classes), in eval mode. Each rank takes its exact share of the items (no padding, so no view is
     counted twice); per-video softmax sums are combined with collectives. ``collective_forward`` (ZeRO-3, whose
     forward gathers parameters from every rank): ranks with fewer batches, or with a batch whose videos all
-    failed, run a forward on a blank clip so that every rank calls it the same number of times.
+    failed, run a forward on the dataset's blank item so that every rank calls it the same number of times.
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
     sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
@@ -172,7 +172,7 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
     acc = ScoreAccumulator(len(dataset.records), num_classes)
     rounds = _max_over_ranks(len(loader)) if collective_forward else len(loader)
-    blank = torch.zeros(1, 3, dataset.clip_len, dataset.size, dataset.size, dtype=dtype, device=device)
+    blank = model_input(collate_clips([dataset.blank_item()])["video"].to(device), dataset.cfg, dtype)
     batches = preempt.iterate(loader)  # validation runs during training: its workers must survive the signals
     for _ in range(rounds):
         batch = next(batches, None)

@@ -18,29 +18,13 @@ from datasets.decode import (
     open_video,
 )
 from datasets.video_io import write_video
-from video_corpus import remux, timestamps_in_decoding_order
+from video_corpus import HEIGHT, WIDTH, cut, frames, remux, timestamps_in_decoding_order, trimmed_by_edit_list
 
-NUM_FRAMES, FPS, HEIGHT, WIDTH = 40, 25, 48, 64
+NUM_FRAMES, FPS = 40, 25
 VIDEO_BACKENDS = ["decord", "pyav"]
 
 # torchvision 0.29 warns on every image decode; datasets.decode silences it, but pytest resets filters per test.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-
-
-def synthetic_frames(count: int = NUM_FRAMES) -> list[np.ndarray]:
-    """Frames that differ a lot from one another (a moving white square, a colour ramp), so a decoded frame
-    is nearest to its own source frame even after lossy coding: an off-by-one index cannot pass unnoticed."""
-    rows, cols = np.mgrid[0:HEIGHT, 0:WIDTH]
-    frames = []
-    for index in range(count):
-        frame = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
-        frame[..., 0] = (cols * 4 + index * 9) % 256
-        frame[..., 1] = (rows * 5) % 256
-        frame[..., 2] = index * 6
-        top, left = (index * 7) % (HEIGHT - 12), (index * 11) % (WIDTH - 12)
-        frame[top:top + 12, left:left + 12] = 255
-        frames.append(frame)
-    return frames
 
 
 def faststart_copy(source: str, target: str) -> list[int]:
@@ -62,31 +46,13 @@ def faststart_copy(source: str, target: str) -> list[int]:
 
 
 def trimmed_copy(source: str, target: str, hidden: int = 2) -> int:
-    """Stream-copy from the second keyframe on, with timestamps shifted so that its first ``hidden`` frames
-    fall before 0: the mp4 muxer then writes an edit list hiding them, as ``ffmpeg -ss T -c copy`` does when
-    T is not on a keyframe. Returns the source index of the first frame shown."""
+    """``video_corpus.trimmed_by_edit_list`` of ``source`` into ``target``; returns the source index of the first
+    frame shown."""
     with av.open(source) as reader:
         packets = [packet for packet in reader.demux(video=0) if packet.size]
-        time_base = reader.streams.video[0].time_base
-    all_pts = sorted(packet.pts for packet in packets)
-    keyframe_at = [position for position, packet in enumerate(packets) if packet.is_keyframe][1]
-    first_shown = all_pts.index(packets[keyframe_at].pts) + hidden
-    shift = all_pts[first_shown]
-    with av.open(source) as reader, av.open(target, "w") as writer:
-        stream_out = writer.add_stream_from_template(reader.streams.video[0])
-        for packet in packets[keyframe_at:]:
-            packet.pts, packet.dts, packet.time_base = packet.pts - shift, packet.dts - shift, time_base
-            packet.stream = stream_out
-            writer.mux(packet)
-    return first_shown
-
-
-def write_prefix(source: str, target: str, size: int) -> str:
-    with open(source, "rb") as handle:
-        data = handle.read()
-    with open(target, "wb") as handle:
-        handle.write(data[:size])
-    return target
+    keyframe_pts = [packet.pts for packet in packets if packet.is_keyframe][1]
+    remux(source, target, edit=lambda kept: trimmed_by_edit_list(kept, hidden))
+    return sorted(packet.pts for packet in packets).index(keyframe_pts) + hidden
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +62,7 @@ def videos(tmp_path_factory):
     paths = {}
     for name, gop in [("gop4", 4), ("gop_default", None)]:
         paths[name] = str(folder / f"{name}.mp4")
-        assert write_video(paths[name], synthetic_frames(), FPS, gop=gop) == NUM_FRAMES
+        assert write_video(paths[name], frames(NUM_FRAMES), FPS, gop=gop) == NUM_FRAMES
     return paths
 
 
@@ -123,7 +89,7 @@ def test_backends_report_the_same_count_and_rate(videos, name):
 @pytest.mark.parametrize("name", ["gop4", "gop_default"])
 def test_every_frame_is_the_one_that_was_written(videos, reference, name):
     """Lossy, but each decoded frame is nearest to its own source frame: indices are not shifted."""
-    source_frames = np.stack(synthetic_frames()).astype(np.int32)
+    source_frames = np.stack(frames(NUM_FRAMES)).astype(np.int32)
     distances = np.abs(reference[name][:, None].astype(np.int32) - source_frames[None]).mean(axis=(2, 3, 4))
     np.testing.assert_array_equal(distances.argmin(axis=1), np.arange(NUM_FRAMES))
 
@@ -151,9 +117,9 @@ def test_frames_come_back_in_the_requested_order(videos, reference, name, backen
     # One source for all requests: later reads seek backwards past frames decoded before.
     with open_video(videos[name], backend) as source:
         for indices in INDEX_REQUESTS:
-            frames = source.get_frames(indices)
-            assert frames.dtype == np.uint8 and frames.shape == (len(indices), HEIGHT, WIDTH, 3)
-            np.testing.assert_array_equal(frames, reference[name][indices])
+            got = source.get_frames(indices)
+            assert got.dtype == np.uint8 and got.shape == (len(indices), HEIGHT, WIDTH, 3)
+            np.testing.assert_array_equal(got, reference[name][indices])
 
 
 def test_decord_and_pyav_return_identical_frames(videos):
@@ -198,17 +164,17 @@ def broken(videos, tmp_path_factory):
     folder = tmp_path_factory.mktemp("broken")
     original = videos["gop4"]
     paths = {"missing": str(folder / "missing.mp4")}
-    paths["empty"] = write_prefix(original, str(folder / "empty.mp4"), 0)
+    paths["empty"] = cut(original, str(folder / "empty.mp4"), 0)
     paths["random"] = str(folder / "random.mp4")
     with open(paths["random"], "wb") as handle:
         handle.write(np.random.default_rng(0).bytes(4096))
-    paths["half"] = write_prefix(original, str(folder / "half.mp4"), os.path.getsize(original) // 2)
+    paths["half"] = cut(original, str(folder / "half.mp4"), os.path.getsize(original) // 2)
     faststart = str(folder / "faststart.mp4")
     sizes = faststart_copy(original, faststart)
     total = os.path.getsize(faststart)
-    paths["faststart_half"] = write_prefix(faststart, str(folder / "faststart_half.mp4"), total // 2)
-    paths["faststart_tail"] = write_prefix(faststart, str(folder / "faststart_tail.mp4"), total - sizes[-1] // 2)
-    paths["faststart_boundary"] = write_prefix(faststart, str(folder / "faststart_boundary.mp4"), total - sizes[-1])
+    paths["faststart_half"] = cut(faststart, str(folder / "faststart_half.mp4"), total // 2)
+    paths["faststart_tail"] = cut(faststart, str(folder / "faststart_tail.mp4"), total - sizes[-1] // 2)
+    paths["faststart_boundary"] = cut(faststart, str(folder / "faststart_boundary.mp4"), total - sizes[-1])
     paths["faststart"] = faststart
     return paths
 
@@ -315,7 +281,7 @@ def test_video_read_error_survives_pickling():
 def write_frame_folder(folder, count: int, template: str = "img_{:05d}.jpg", first: int = 1) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for offset, frame in enumerate(synthetic_frames(count)):
+    for offset, frame in enumerate(frames(count)):
         paths.append(str(folder / template.format(first + offset)))
         Image.fromarray(frame).save(paths[-1], quality=90)
     return paths
@@ -326,10 +292,10 @@ def test_frames_backend_honours_start_and_count(tmp_path):
     record = VideoRecord(str(tmp_path / "clip"), label=1, start=2, num_frames=5)
     with open_video(record, "frames") as source:
         assert source.num_frames == 5 and np.isnan(source.fps)
-        frames = source.get_frames([4, 0, 0])
+        got = source.get_frames([4, 0, 0])
     # frame 0 = img_00003.jpg (first_frame_index 1 + start 2), frame 4 = img_00007.jpg
     expected = np.stack([decode_jpeg_pil(files[index]) for index in (6, 2, 2)])
-    np.testing.assert_array_equal(frames, expected)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_frames_backend_counts_frames_when_the_list_does_not(tmp_path):
