@@ -38,7 +38,6 @@ import yaml
 __all__ = [
     "ConfigError",
     "BatchConfig",
-    "OptimConfig",
     "RunConfig",
     "Derived",
     "derive",
@@ -79,64 +78,6 @@ class BatchConfig:
         _require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         _require(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-
-
-@dataclass
-class OptimConfig:
-    """AdamW + cosine schedule with linear warmup (VideoMAE / MAE-ST style)."""
-
-    # base lr; peak lr = blr * lr_scale_batch / 256 unless `lr` is set
-    blr: float = 1.5e-4
-    # absolute peak lr; when set, used as is and `blr` is ignored
-    lr: Optional[float] = None
-    # absolute lr at the end of the cosine decay (not batch-scaled, as in VideoMAE)
-    min_lr: float = 1e-6
-    # absolute lr at the first warmup step (not batch-scaled)
-    warmup_lr: float = 1e-6
-    # AdamW weight decay (start value when a cosine wd schedule is used)
-    weight_decay: float = 0.05
-    # final weight decay of a cosine wd schedule; None keeps wd constant
-    weight_decay_end: Optional[float] = None
-    # AdamW (beta1, beta2); 0.95 for beta2 is the MAE pre-training choice
-    betas: tuple[float, float] = (0.9, 0.95)
-    # AdamW epsilon
-    eps: float = 1e-8
-    # max global grad norm; None disables clipping
-    clip_grad: Optional[float] = None
-    # training length in epochs
-    epochs: int = 800
-    # epochs of linear warmup from warmup_lr to the peak lr
-    warmup_epochs: int = 40
-    # scale lr by clips (videos x repeats) instead of videos; see derive()
-    lr_scale_with_repeats: bool = False
-    # layer-wise lr decay (fine-tuning, VideoMAE semantics): layer i of depth+2 gets decay**(depth+1-i); None = off
-    layer_decay: Optional[float] = None
-
-    def __post_init__(self) -> None:
-        _require(self.blr > 0, f"blr must be > 0, got {self.blr}")
-        _require(self.lr is None or self.lr > 0, f"lr must be > 0 or null, got {self.lr}")
-        _require(self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}")
-        _require(self.warmup_lr >= 0, f"warmup_lr must be >= 0, got {self.warmup_lr}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _require(
-            self.weight_decay_end is None or self.weight_decay_end >= 0,
-            f"weight_decay_end must be >= 0 or null, got {self.weight_decay_end}",
-        )
-        _require(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}")
-        _require(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        _require(
-            self.clip_grad is None or self.clip_grad > 0,
-            f"clip_grad must be > 0 or null, got {self.clip_grad}",
-        )
-        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _require(
-            self.layer_decay is None or 0 < self.layer_decay <= 1,
-            f"layer_decay must be in (0, 1] or null, got {self.layer_decay}",
-        )
-        _require(
-            0 <= self.warmup_epochs <= self.epochs,
-            f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}",
-        )
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, EvalClips, model_input
 from engine import checkpoint, ds
-from engine.config import BatchConfig, Derived, OptimConfig, RunConfig, derive
+from engine.config import BatchConfig, Derived, RunConfig, derive
+from engine.optim import OptimConfig
 from engine.data import read_split, train_clips
 from engine.dist import is_main_process
 from engine.evaluate import evaluate_clips

@@ -15,7 +15,8 @@ import torch
 
 from datasets.video_dataset import DataConfig, collate_clips, model_input
 from engine import checkpoint, ds
-from engine.config import BatchConfig, Derived, OptimConfig, RunConfig, derive
+from engine.config import BatchConfig, Derived, RunConfig, derive
+from engine.optim import OptimConfig
 from engine.data import train_clips
 from engine.dist import is_main_process
 from engine.metrics import read_metrics

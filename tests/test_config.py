@@ -11,11 +11,11 @@ from typing import Literal, Optional
 import pytest
 import yaml
 
+from engine.optim import OptimConfig
 from engine.config import (
     BatchConfig,
     ConfigError,
     Derived,
-    OptimConfig,
     RunConfig,
     apply_overrides,
     derive,

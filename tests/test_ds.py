@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from engine import dist
-from engine.config import BatchConfig, ConfigError, OptimConfig, derive, from_dict
+from engine.config import BatchConfig, ConfigError, derive, from_dict
+from engine.optim import OptimConfig
 from engine.ds import (DeepSpeedConfig, available_templates, build_ds_config, load_template,
                        template_precision)
 
@@ -310,7 +311,8 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
     import torch
     import torch.distributed as torch_dist
     from engine import dist, ds
-    from engine.config import BatchConfig, OptimConfig, derive
+    from engine.config import BatchConfig, derive
+    from engine.optim import OptimConfig
 
     info = dist.init_distributed()
     dist.setup_logging(info.rank)

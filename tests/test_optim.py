@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.config import BatchConfig, OptimConfig, derive
+from engine.config import BatchConfig, derive
+from engine.optim import OptimConfig
 from engine.optim import (
     Schedules,
     apply_schedules,
