@@ -18,12 +18,15 @@ import torch
 
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, EvalClips, model_input
+from datasets.files import write_text_atomic
 from engine import checkpoint, ds
-from engine.config import BatchConfig, Derived, RunConfig, derive
-from engine.optim import OptimConfig
+from engine.config import BatchConfig
 from engine.data import read_split, train_clips
 from engine.dist import is_main_process
 from engine.evaluate import evaluate_clips
+from engine.loop import RunConfig
+from engine.optim import OptimConfig
+from engine.task import Task, export_final_weights
 from engine.mixup import MixupConfig, build_mixup, classification_loss
 from models.convert import load_into_classifier
 from models.masking import MaskConfig, build_mask_generator
@@ -122,11 +125,6 @@ class FinetuneConfig:
                              f"{self.model.num_classes}")
 
 
-def derive_finetune(cfg: FinetuneConfig, world_size: int, num_train_samples: Optional[int] = None) -> Derived:
-    return derive(cfg.batch, cfg.optim, world_size, num_train_samples=num_train_samples,
-                  token_grid=cfg.model.encoder.grid)
-
-
 def build_initial_model(cfg: FinetuneModelConfig):
     """The classifier, with the weights of ``cfg.init`` when set (a fresh head where they have none)."""
     model = build_classifier(cfg)
@@ -182,25 +180,26 @@ def describe_scores(title: str, summary: dict) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # What a run exports: the last weights, the best-validated weights, for the model and its EMA.
 EXPORTS = {"model": ("weights.pt", "best.pt"), "ema": ("weights_ema.pt", "best_ema.pt")}
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
     """Classification fine-tuning for ``engine.loop.train``: validation every ``eval.every_epochs`` with the
     best weights exported, and the multi-view test of the last weights (model and EMA) at the end."""
 
-    def __init__(self, cfg: FinetuneConfig, world_size: int):
-        self.cfg = cfg
+    config_class = FinetuneConfig
+    outputs = ("config.yaml, derived.yaml, metrics.jsonl, tb/, checkpoints/, weights.pt, best.pt, "
+               "test_results.json")
+
+    def __init__(self, cfg: FinetuneConfig):
+        super().__init__(cfg)
         torch.manual_seed(cfg.run.seed)  # the same fresh head on every rank and in every run
         self.model = build_initial_model(cfg.model)
         self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
-        self.derived = derive_finetune(cfg, world_size, num_train_samples=len(self.train_set))
         self.mixup = build_mixup(cfg.mixup, cfg.model.num_classes)
         self.ema = None
         if cfg.ema.decay is not None:
@@ -250,6 +249,9 @@ class FinetuneTask:
     def _ema_to(self, device: torch.device) -> None:
         if next(self.ema.module.parameters()).device != device:
             self.ema.module.to(device)
+
+    def token_grid(self) -> tuple[int, int, int]:
+        return self.cfg.model.encoder.grid
 
     def train_flops_per_clip(self) -> float:
         # Dense count: annealed masking makes the first epochs cheaper than this.
@@ -311,11 +313,7 @@ class FinetuneTask:
     def finish(self, engine, output_dir: str) -> None:
         """Export the last weights (fp32, whole), then run the multi-view test on them and the EMA's."""
         out = Path(output_dir)
-        step = checkpoint.latest_complete(out)
-        weights = ds.consolidated_fp32_state_dict(engine, str(checkpoint.checkpoint_root(out)),
-                                                  checkpoint.step_tag(step))
-        if is_main_process():
-            checkpoint.export_weights(weights, out / EXPORTS["model"][0])
+        step = export_final_weights(engine, out, EXPORTS["model"][0])
         if self.ema is not None:
             ema_weights = self._weights(engine, "ema")
             if is_main_process():

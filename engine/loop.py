@@ -1,7 +1,7 @@
 """THE training loop, shared by every task.
 
-A task supplies the model, its training dataset and what one micro-batch costs (``Task.loss``); the loop
-owns everything else: DeepSpeed, the lr/wd schedules by global step, gradient accumulation, the resumable
+A task (``engine.task.Task``) supplies the model, its training dataset, how items become a micro-batch, which
+parameters train with which optimizer and what one micro-batch costs (``Task.loss``); the loop owns everything else: DeepSpeed, the lr/wd schedules by global step, gradient accumulation, the resumable
 sampler, checkpoints with exact resume, metrics, the non-finite-loss stop, and micro-batches whose videos could
 not be read (zero-weight blank steps, ``engine.unreadable``).
 """
@@ -15,51 +15,65 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from datasets.sampler import ResumableDistributedSampler
-from datasets.video_dataset import collate_clips
 from engine import checkpoint, ds, preempt
-from engine.config import Derived, save_config
+from engine.config import Derived, require, save_config
 from engine.dist import DistInfo, barrier
 from engine.metrics import MetricsWriter, Throughput, peak_memory_gib, utilization
-from engine.optim import Schedules, apply_schedules, build_optimizer, describe_groups
+from engine.optim import Schedules, apply_schedules, describe_groups
+from engine.task import Task
 from engine.unreadable import UnreadableLog
 
 log = logging.getLogger("train")
 
 
-class Task(Protocol):
-    """What a training task brings to the loop."""
+@dataclass
+class RunConfig:
+    """Bookkeeping for one run: where it writes, how often, how reproducibly."""
 
-    model: torch.nn.Module  # the bare model; the loop wraps it in a DeepSpeed engine
-    train_set: Dataset  # items collated by collate_clips; has set_epoch(epoch) and blank_item()
+    # human-readable run name (used in logs)
+    name: str = "default"
+    # directory for config.yaml, derived.yaml, logs and checkpoints
+    output_dir: str = "runs/default"
+    # base random seed (each rank offsets it by its rank)
+    seed: int = 0
+    # log training metrics every this many optimizer steps
+    log_every: int = 20
+    # save a checkpoint every this many epochs (and always after the last one)
+    save_every_epochs: int = 20
+    # also save every this many optimizer steps, for mid-epoch resume; 0 = only at epoch ends
+    save_every_steps: int = 0
+    # write reconstruction pictures to vis/ every this many epochs (and after the last one); 0 = never
+    vis_every_epochs: int = 20
+    # compile the model with torch.compile (inductor) through DeepSpeed; first steps are slower
+    compile: bool = False
+    # number of most recent periodic checkpoints to keep on disk
+    keep_last: int = 2
+    # on this signal: checkpoint after the current step, requeue the Slurm job, exit (sbatch --signal=USR1@180);
+    # "" = not handled
+    requeue_signal: str = "SIGUSR1"
+    # on this signal: checkpoint after the current step and exit, no requeue (scancel, preemption, time limit)
+    stop_signal: str = "SIGTERM"
 
-    def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """The scalar loss of one collated micro-batch (already on the device)."""
+    def __post_init__(self) -> None:
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require(
+            self.save_every_epochs >= 1,
+            f"save_every_epochs must be >= 1, got {self.save_every_epochs}",
+        )
+        require(self.save_every_steps >= 0, f"save_every_steps must be >= 0, got {self.save_every_steps}")
+        require(self.vis_every_epochs >= 0, f"vis_every_epochs must be >= 0, got {self.vis_every_epochs}")
+        # The newest checkpoint may be the one a dying job was writing: keep one more.
+        require(self.keep_last >= 2, f"keep_last must be >= 2, got {self.keep_last}")
+        from engine.preempt import PreemptionGuard
 
-    def after_step(self, engine, step: int) -> None:
-        """After optimizer step ``step`` (counted from 1): EMA updates, per-step task schedules."""
-
-    def train_flops_per_clip(self) -> float:
-        """Model FLOPs of one clip's forward + backward, for throughput and MFU."""
-
-    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> Optional[dict]:
-        """Task-specific work after an epoch (pictures, validation), called on every rank; returns metrics to
-        log at the current step, or None."""
-
-    def state_dict(self) -> dict:
-        """Task state that a resumed run needs besides the engine's (EMA weights, best score so far); equal
-        on every rank, saved with the checkpoint."""
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned (called before the first step of a resumed run)."""
-
-    def finish(self, engine, output_dir: str) -> None:
-        """After the last step and its checkpoint (exports, tests); called on every rank."""
+        PreemptionGuard(self.requeue_signal, self.stop_signal)  # names checked at load time, not at the signal
 
 
 @dataclass
@@ -118,8 +132,15 @@ def _seed_streams(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a batch on the device, through nested dicts, lists and tuples (boxes per clip...)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
 
 
 def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
@@ -129,7 +150,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
     if info.is_main:
         save_config(cfg, out, derived)
     ds_config = ds.build_ds_config(cfg.ds, cfg.batch, derived, cfg.optim.clip_grad)
-    optimizer = build_optimizer(task.model, cfg.optim, cfg.optim.layer_decay)
+    optimizer = task.build_optimizer()
     log.info("parameter groups:\n%s", describe_groups(optimizer.param_groups))
     if ds.offloads_optimizer(ds_config):
         optimizer = ds.cpu_adam_like(optimizer)
@@ -165,7 +186,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
             sampler.set_epoch(state.epoch)
             task.train_set.set_epoch(state.epoch)
             loader = DataLoader(task.train_set, batch_size=cfg.batch.micro_batch, sampler=sampler,
-                                collate_fn=collate_clips, num_workers=cfg.batch.num_workers,
+                                collate_fn=task.collate, num_workers=cfg.batch.num_workers,
                                 pin_memory=device.type == "cuda", persistent_workers=False,
                                 generator=_loader_seed_source(cfg, state))
             micro = state.consumed // cfg.batch.micro_batch
@@ -174,7 +195,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
                 if micro >= micro_per_epoch or state.step >= derived.total_steps:
                     break
                 data_wait = time.perf_counter() - waited
-                unreadable.add(batch["failures"], state.step + 1, state.epoch)
+                unreadable.add(batch.get("failures", ()), state.step + 1, state.epoch)
                 lr, wd = apply_schedules(engine.optimizer, state.step, schedules)
                 loss, clips = _micro_batch_loss(task, engine, batch, cfg.batch.micro_batch, generator)
                 if clips:
@@ -207,7 +228,7 @@ def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
             state.consumed = 0
             epoch_metrics = task.on_epoch_end(engine, state.epoch, out, generator)
             if epoch_metrics:
-                metrics.write(state.step, {"epoch": state.epoch, **epoch_metrics})
+                metrics.write(state.step, {"epoch": state.epoch, **epoch_metrics}, prefix="eval")
             last = state.step >= derived.total_steps
             if last or state.epoch % cfg.run.save_every_epochs == 0:
                 state.unreadable += unreadable.gather()
@@ -239,9 +260,10 @@ def _micro_batch_loss(task: Task, engine, batch: dict, micro_batch: int, generat
     recompile; the other ranks take as long) and, being finite, makes the gradient exactly zero. The step then
     averages the other ranks' gradients with that zero; where every rank's micro-batch failed, AdamW still steps
     on its moments and weight decay, as after any zero gradient."""
-    if batch["video"] is not None:
-        return task.loss(engine, _to_device(batch, engine.device), generator), batch["video"].shape[0]
-    blank = collate_clips([task.train_set.blank_item() for _ in range(micro_batch)])
+    clips = task.clips_in(batch)
+    if clips:
+        return task.loss(engine, _to_device(batch, engine.device), generator), clips
+    blank = task.blank_batch(micro_batch)
     return task.loss(engine, _to_device(blank, engine.device), generator) * 0.0, 0
 
 
@@ -297,7 +319,7 @@ def _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops) ->
         _check_finite(engine, record["loss"], state.step)
     rates = throughput.read()
     record.update({"lr": lr, "wd": wd, "grad_norm": ds.global_grad_norm(engine), **rates,
-                   **utilization(flops, rates["clips_per_s"], ds.peak_flops()), "peak_mem_gib": peak_memory_gib(),
+                   **(utilization(flops, rates["clips_per_s"], ds.peak_flops()) if flops else {}), "peak_mem_gib": peak_memory_gib(),
                    "unreadable_videos": state.unreadable})
     scale = ds.loss_scale(engine)
     if scale is not None:

@@ -14,11 +14,13 @@ from typing import Optional
 import torch
 
 from datasets.video_dataset import DataConfig, collate_clips, model_input
-from engine import checkpoint, ds
-from engine.config import BatchConfig, Derived, RunConfig, derive
-from engine.optim import OptimConfig
+from engine import ds
+from engine.config import BatchConfig
 from engine.data import train_clips
 from engine.dist import is_main_process
+from engine.loop import RunConfig
+from engine.optim import OptimConfig
+from engine.task import Task, export_final_weights
 from engine.metrics import read_metrics
 from engine.pictures import reconstruction_from_prediction, save_loss_curve
 from models.masking import MaskConfig, build_mask_generator
@@ -33,14 +35,9 @@ class PretrainConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)  # which tokens the encoder and decoder drop
     data: DataConfig = field(default_factory=DataConfig)  # videos, clip sampling, augmentation
     batch: BatchConfig = field(default_factory=BatchConfig)  # videos per rank and step
-    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and its schedule
-    ds: ds.DeepSpeedConfig = field(default_factory=ds.DeepSpeedConfig)  # ZeRO stage and precision
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer, lr and its schedule
+    ds: ds.DeepSpeedConfig = field(default_factory=ds.DeepSpeedConfig)  # ZeRO stage and precision (the template)
     run: RunConfig = field(default_factory=RunConfig)  # output directory, seed, logging, checkpoints
-
-
-def derive_pretrain(cfg: PretrainConfig, world_size: int, num_train_samples: int | None = None) -> Derived:
-    return derive(cfg.batch, cfg.optim, world_size, num_train_samples=num_train_samples,
-                  token_grid=cfg.model.encoder.grid)
 
 
 def build_model_and_masks(cfg: PretrainConfig):
@@ -49,11 +46,14 @@ def build_model_and_masks(cfg: PretrainConfig):
     return model, build_mask_generator(cfg.mask, cfg.model.encoder.grid)
 
 
-class PretrainTask:
+class PretrainTask(Task):
     """VideoMAE / MAE-ST pre-training for ``engine.loop.train``."""
 
+    config_class = PretrainConfig
+    outputs = "config.yaml, derived.yaml, metrics.jsonl, tb/, vis/, checkpoints/, weights.pt, loss_curve.png"
+
     def __init__(self, cfg: PretrainConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
         self.model, self.masks = build_model_and_masks(cfg)
         self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
@@ -67,14 +67,8 @@ class PretrainTask:
         loss, _, _ = engine(*self._inputs(engine, batch["video"], generator))
         return loss
 
-    def after_step(self, engine, step: int) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def token_grid(self) -> tuple[int, int, int]:
+        return self.cfg.model.encoder.grid
 
     def train_flops_per_clip(self) -> float:
         masks = self.masks
@@ -106,16 +100,11 @@ class PretrainTask:
             log.info("wrote %s", path)
 
     def finish(self, engine, output_dir: str) -> None:
-        """Pictures of the final model, the loss curve, and the weights exported for fine-tuning."""
+        """Pictures of the final model, the weights exported for fine-tuning, and the loss curve."""
         out = Path(output_dir)
         self.save_pictures(engine, out / "vis" / "final.png")
-        step = checkpoint.latest_complete(out)
-        weights = ds.consolidated_fp32_state_dict(engine, str(checkpoint.checkpoint_root(out)),
-                                                  checkpoint.step_tag(step))
+        export_final_weights(engine, out)
         if is_main_process():
-            checkpoint.export_weights(weights, out / "weights.pt")
             records = [r for r in read_metrics(out) if "loss" in r]
             if records:
                 save_loss_curve([r["step"] for r in records], [r["loss"] for r in records], out / "loss_curve.png")
-            log.info("exported %s (load with torch.load(weights_only=True))", out / "weights.pt")
-

@@ -16,6 +16,8 @@ Prints the job id and the log's path.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import shlex
 import subprocess
 import sys
@@ -24,23 +26,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file, installed or not
 
-from engine.config import ConfigError, derive, load_config, parse_cli  # noqa: E402
+from engine.config import derive  # noqa: E402
+from engine.launch import USER_ERRORS, entry_parser, parse_command_line  # noqa: E402
 from engine.preempt import parse_signal  # noqa: E402
 
 TEMPLATE = ROOT / "run_scripts" / "slurm" / "train.sbatch"
 
 
-def config_classes() -> dict:
-    from engine.finetune import FinetuneConfig
-    from engine.pretrain import PretrainConfig
+def entry_points() -> dict[str, Path]:
+    """The scripts in run_scripts/ that define a ``TASK`` (a new entry point is found without being listed here)."""
+    def defines_task(path: Path) -> bool:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        return any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TASK" for t in node.targets)
+                   for node in tree.body)
 
-    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+    return {path.stem: path for path in sorted((ROOT / "run_scripts").glob("*.py")) if defines_task(path)}
+
+
+def entry_config(entry: str, entry_args: list[str]):
+    """The config the entry point would run with these arguments, checked by the entry point's own parser."""
+    spec = importlib.util.spec_from_file_location(f"run_scripts_{entry}", entry_points()[entry])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = entry_parser(module.TASK, module.__doc__, getattr(module, "add_flags", None), prog=f"{entry}.py")
+    return parse_command_line(parser, module.TASK.config_class, entry_args)[1]
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("entry", choices=sorted(config_classes()), help="entry point: run_scripts/<entry>.py")
+    parser.add_argument("entry", choices=sorted(entry_points()), help="entry point: run_scripts/<entry>.py")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU-only nodes (then set --tasks-per-node)")
     parser.add_argument("--tasks-per-node", type=int, default=None,
@@ -120,9 +135,8 @@ def main(argv=None) -> int:
     args, entry_args = parse_args(sys.argv[1:] if argv is None else argv)
     entry_args = absolute_config(entry_args)
     try:
-        config_path, overrides, flags = parse_cli(entry_args)
-        cfg = load_config(config_classes()[args.entry], config_path, overrides)
-    except (ConfigError, ValueError) as err:
+        cfg = entry_config(args.entry, entry_args)
+    except USER_ERRORS as err:
         print(f"submit.py: {err}", file=sys.stderr)
         return 2
     world = args.nodes * args.tasks_per_node

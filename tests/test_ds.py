@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from engine import dist
-from engine.config import BatchConfig, ConfigError, derive, from_dict
+from engine.config import BatchConfig, derive
 from engine.optim import OptimConfig
-from engine.ds import (DeepSpeedConfig, available_templates, build_ds_config, load_template,
-                       template_precision)
+from engine.ds import DeepSpeedConfig, available_templates, build_ds_config, load_template
 
 # DeepSpeed 0.19.8 calls torch.distributed collectives that torch 2.14 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
@@ -55,7 +54,7 @@ def _batch_and_derived(world_size=1, micro_batch=2, grad_accum=2, repeats=1):
 
 def test_build_fills_batch_in_clips_accumulation_and_clipping():
     batch, derived = _batch_and_derived(world_size=4, micro_batch=2, grad_accum=3, repeats=2)
-    cfg = DeepSpeedConfig(template="zero2_bf16", precision="bf16")
+    cfg = DeepSpeedConfig(template="zero2_bf16")
     ds_config = build_ds_config(cfg, batch, derived, clip_grad=1.5, accelerator=FakeAccelerator())
     assert ds_config["train_micro_batch_size_per_gpu"] == 4  # 2 videos x 2 clips
     assert ds_config["gradient_accumulation_steps"] == 3
@@ -74,8 +73,7 @@ def test_built_config_is_accepted_by_deepspeed():
     for name in available_templates():
         if name == "zero0_fp16":  # refused, see test_zero0_fp16_is_refused
             continue
-        precision = template_precision(load_template(name))
-        ds_config = build_ds_config(DeepSpeedConfig(name, precision), batch, derived, 1.0,
+        ds_config = build_ds_config(DeepSpeedConfig(name), batch, derived, 1.0,
                                     accelerator=FakeAccelerator())
         parsed = DSConfig(ds_config)
         assert (parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps,
@@ -88,32 +86,14 @@ def test_templates_that_set_engine_owned_fields_are_rejected(tmp_path, key):
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(template))
     with pytest.raises(ValueError, match=f"template {path} sets '{key}', which it must not"):
-        DeepSpeedConfig(template=str(path), precision="fp32")
+        DeepSpeedConfig(template=str(path))
 
 
-@pytest.mark.parametrize("template, precision, message", [
-    ("zero2_fp16", "bf16", "template zero2_fp16 enables fp16 but ds.precision is bf16; "
-                           "pick zero2_bf16 or set ds.precision=fp16"),
-    ("zero3_fp32", "bf16", "template zero3_fp32 enables neither fp16 nor bf16 (fp32) but ds.precision is bf16; "
-                           "pick zero3_bf16 or set ds.precision=fp32"),
-    ("zero0_bf16", "fp32", "template zero0_bf16 enables bf16 but ds.precision is fp32; "
-                           "pick zero0_fp32 or set ds.precision=bf16"),
-    ("zero2_offload_bf16", "fp16", "template zero2_offload_bf16 enables bf16 but ds.precision is fp16; pick a "
-                                   "template that enables fp16 (zero0_fp16, zero1_fp16, zero2_fp16, zero3_fp16) "
-                                   "or set ds.precision=bf16"),
-])
-def test_precision_mismatch_names_the_fix(template, precision, message):
-    with pytest.raises(ValueError) as err:
-        DeepSpeedConfig(template=template, precision=precision)
-    assert str(err.value) == message
-    # build_ds_config checks again (a config edited after construction), and the config loader names the key.
-    cfg = DeepSpeedConfig(template=template, precision=template_precision(load_template(template)))
-    cfg.precision = precision
-    with pytest.raises(ValueError) as err:
-        build_ds_config(cfg, *_batch_and_derived(), None, accelerator=FakeAccelerator())
-    assert str(err.value) == message
-    with pytest.raises(ConfigError, match=f"invalid config 'ds'.*{message[:40]}"):
-        from_dict(DeepSpeedConfig, {"template": template, "precision": precision}, path="ds")
+def test_the_template_alone_states_the_precision():
+    assert [DeepSpeedConfig(name).precision for name in ("zero2_bf16", "zero3_fp32", "zero1_fp16")] == \
+        ["bf16", "fp32", "fp16"]
+    assert {DeepSpeedConfig(name).precision for name in available_templates() if name != "zero0_fp16"} == \
+        {"fp32", "fp16", "bf16"}
 
 
 def test_unknown_template_lists_the_available_ones():
@@ -128,11 +108,11 @@ def test_unknown_template_lists_the_available_ones():
 
 def test_unsupported_precisions_fail_clearly():
     batch, derived = _batch_and_derived()
-    with pytest.raises(ValueError, match="ds.precision=fp16 but DeepSpeed's cpu accelerator does not support fp16"):
-        build_ds_config(DeepSpeedConfig("zero2_fp16", "fp16"), batch, derived, None,
+    with pytest.raises(ValueError, match="the template enables fp16 but DeepSpeed's cpu accelerator does not support fp16"):
+        build_ds_config(DeepSpeedConfig("zero2_fp16"), batch, derived, None,
                         accelerator=FakeAccelerator(fp16=False))
     with pytest.raises(ValueError, match="does not support bf16"):
-        build_ds_config(DeepSpeedConfig("zero2_bf16", "bf16"), batch, derived, None,
+        build_ds_config(DeepSpeedConfig("zero2_bf16"), batch, derived, None,
                         accelerator=FakeAccelerator(bf16=False, name="cuda"))
 
 
@@ -140,7 +120,7 @@ def test_batch_fields_must_come_from_the_same_batch_config():
     batch, derived = _batch_and_derived(world_size=2)
     other = BatchConfig(micro_batch=5, grad_accum=2, repeats=1, num_workers=0)
     with pytest.raises(ValueError, match="clips_per_micro_step"):
-        build_ds_config(DeepSpeedConfig("zero1_fp32", "fp32"), other, derived, None, accelerator=FakeAccelerator())
+        build_ds_config(DeepSpeedConfig("zero1_fp32"), other, derived, None, accelerator=FakeAccelerator())
 
 
 # --------------------------------------------------------------------------
@@ -212,7 +192,7 @@ def _reference(clip=None):
 
 def _train(ds, template, precision, clip=None):
     batch = BatchConfig(micro_batch=MICRO, grad_accum=ACCUM, repeats=1, num_workers=0)
-    ds_config = build_ds_config(DeepSpeedConfig(template, precision), batch, derive(batch, OptimConfig(), 1), clip)
+    ds_config = build_ds_config(DeepSpeedConfig(template), batch, derive(batch, OptimConfig(), 1), clip)
     model = _model()
     optimizer = _optimizer(model)
     engine = ds.initialize(model, optimizer, ds_config)
@@ -283,12 +263,12 @@ def test_mixed_precision_engine_trains_close_to_fp32(ds_group, template):
 
 def test_zero0_fp16_is_refused():
     with pytest.raises(ValueError, match="fp16 with ZeRO stage 0, which DeepSpeed .* gets wrong.*use zero1_fp16"):
-        DeepSpeedConfig("zero0_fp16", "fp16")
+        DeepSpeedConfig("zero0_fp16")
 
 
 def test_offload_template_needs_deepspeed_cpu_adam(ds_group):
     batch, derived = _batch_and_derived()
-    ds_config = build_ds_config(DeepSpeedConfig("zero2_offload_bf16", "bf16"), batch, derived, None)
+    ds_config = build_ds_config(DeepSpeedConfig("zero2_offload_bf16"), batch, derived, None)
     model = _model()
     with pytest.raises(ValueError, match="needs deepspeed.ops.adam.DeepSpeedCPUAdam"):
         ds_group.initialize(model, _optimizer(model), ds_config)
@@ -296,7 +276,7 @@ def test_offload_template_needs_deepspeed_cpu_adam(ds_group):
 
 def test_config_for_another_world_size_is_rejected(ds_group):
     batch, derived = _batch_and_derived(world_size=2)
-    ds_config = build_ds_config(DeepSpeedConfig("zero1_fp32", "fp32"), batch, derived, None)
+    ds_config = build_ds_config(DeepSpeedConfig("zero1_fp32"), batch, derived, None)
     model = _model()
     with pytest.raises(ValueError, match=r"world size 1 .*call derive\(\) with the launched world size"):
         ds_group.initialize(model, _optimizer(model), ds_config)
@@ -343,7 +323,7 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
     for template in ("zero0_fp32", "zero2_fp32"):
         model, optimizer = build()
         initial = torch.cat([p.detach().clone().reshape(-1) for p in model.parameters()])
-        ds_config = ds.build_ds_config(ds.DeepSpeedConfig(template, "fp32"), batch,
+        ds_config = ds.build_ds_config(ds.DeepSpeedConfig(template), batch,
                                        derive(batch, OptimConfig(), info.world_size), clip_grad=0.3)
         engine = ds.initialize(model, optimizer, ds_config)
         losses = []
