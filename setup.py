@@ -26,8 +26,10 @@ setup(
         "av>=12",
         "tensorboardX>=2.6",
         "pyyaml>=6",
+        "omegaconf>=2.4",  # structured configs: typed loading, Literal fields, "did you mean" on unknown keys
         "numpy",
         "safetensors>=0.4",
     ],
-    extras_require={"dev": ["pytest>=8", "transformers>=4.40"]},
+    # tensorboard: the viewer of the tb/ logs (`tensorboard --logdir runs`); dev: the test suite's extras
+    extras_require={"dev": ["pytest>=8", "transformers>=4.40"], "tensorboard": ["tensorboard>=2.16"]},
 )

@@ -57,6 +57,7 @@ import ctypes
 import dataclasses
 import functools
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -69,6 +70,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets.video_io import write_video
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1  # bump whenever the files generated for a given spec change
 
@@ -632,15 +635,28 @@ def _write_clip(job: tuple[SyntheticSpec, str, int]) -> int:
     return index
 
 
-def _write_all_clips(spec: SyntheticSpec, out_dir: Path, workers: int) -> None:
-    """Encode every clip in ``workers`` fresh processes (even for 1: see above why never in this one)."""
+PROGRESS_STEPS = 4  # a progress line at every quarter: generating 1500 clips takes long enough to look stuck
+
+
+def _write_all_clips(spec: SyntheticSpec, out_dir: Path, workers: int, start: float | None = None) -> None:
+    """Encode every clip in ``workers`` fresh processes (even for 1: see above why never in this one).
+
+    Logs a progress line each time another 1/PROGRESS_STEPS of the clips is written (``start``: the
+    ``time.perf_counter()`` the elapsed times count from). Logging never changes what is written.
+    """
+    start = time.perf_counter() if start is None else start
     jobs = [(spec, str(out_dir), index) for index in range(spec.num_videos)]
+    total = len(jobs)
+    next_step = 1
     # spawn, not fork: the caller may hold torch/OpenMP threads, which a forked child can deadlock on
     context = multiprocessing.get_context("spawn")
     counter = context.Value("i", 0)
+    chunksize = max(1, total // (workers * 8))
     with context.Pool(workers, initializer=_init_encoder_process, initargs=(counter,)) as pool:
-        for _ in pool.imap_unordered(_write_clip, jobs, chunksize=max(1, len(jobs) // (workers * 8))):
-            pass
+        for done, _ in enumerate(pool.imap_unordered(_write_clip, jobs, chunksize=chunksize), 1):
+            if done < total and done * PROGRESS_STEPS >= next_step * total:  # the end is the caller's "done" line
+                log.info("%d/%d synthetic videos written (%.1f s)", done, total, time.perf_counter() - start)
+                next_step = done * PROGRESS_STEPS // total + 1
 
 
 def split_indices(spec: SyntheticSpec) -> dict[str, list[int]]:
@@ -733,19 +749,25 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec = Syn
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
+    workers = max(1, min(workers or default_workers(), spec.num_videos))
+    log.info("generating %d synthetic videos into %s ... (%d classes, %d frames of %dx%d, %d worker process(es))",
+             spec.num_videos, out_dir, spec.num_classes, spec.frames, spec.size, spec.size, workers)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_previous_output(out_dir)
     for class_name in spec.class_names:
         (out_dir / "videos" / class_name).mkdir(parents=True, exist_ok=True)
 
-    _write_all_clips(spec, out_dir, max(1, min(workers or default_workers(), spec.num_videos)))
+    _write_all_clips(spec, out_dir, workers, start)
     splits = split_indices(spec)
     _write_text(out_dir / "labels.txt", list(spec.class_names))
     for name, indices in splits.items():
         _write_text(out_dir / f"{name}.csv", _list_lines(spec, indices))
     meta = _meta(spec, splits)
     _write_text(out_dir / "meta.json", [json.dumps(meta, indent=2, sort_keys=True)])  # last: the marker
-    return _summary(out_dir, meta, time.perf_counter() - start, generated=True)
+    seconds = time.perf_counter() - start
+    log.info("synthetic dataset done in %.1f s (%d train, %d val videos in %s)", seconds, len(splits["train"]),
+             len(splits["val"]), out_dir)
+    return _summary(out_dir, meta, seconds, generated=True)
 
 
 def _read_meta(out_dir: Path) -> dict | None:

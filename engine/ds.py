@@ -95,12 +95,10 @@ _OWNED_ELSEWHERE = {
 
 @dataclass
 class DeepSpeedConfig:
-    """Which DeepSpeed template to start from, and the numeric precision the run must use."""
+    """Which DeepSpeed template the run starts from; the template alone says the precision (its fp16 / bf16 block)."""
 
     # ds_configs/ template name without .json (zero0..3_fp32/fp16/bf16, zero2/3_offload_bf16) or a path to a json file
     template: str = "zero2_bf16"
-    # training precision; must match what the template enables (fp16 / bf16 block, or neither for fp32)
-    precision: Precision = "bf16"
 
     def __post_init__(self) -> None:
         if not isinstance(self.template, str) or not self.template.strip():
@@ -108,11 +106,13 @@ class DeepSpeedConfig:
                 f"template must name a file in ds_configs/ ({', '.join(available_templates())}) "
                 f"or a json path, got {self.template!r}"
             )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        # Fail at config load, not after the data and model were built: the template exists, is valid and
-        # enables the precision asked for (build_ds_config checks again, for configs edited after construction).
-        _check_template_precision(self, load_template(self.template))
+        # Fail at config load, not after the data and model were built.
+        _check_template(self.template, load_template(self.template))
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or bf16: what the template enables."""
+        return template_precision(load_template(self.template), f"template {self.template}")
 
 
 # --------------------------------------------------------------------------
@@ -176,40 +176,19 @@ def template_precision(template: dict, name: str = "template") -> str:
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
 
-def _describe(precision: str) -> str:
-    return f"enables {precision}" if precision != "fp32" else "enables neither fp16 nor bf16 (fp32)"
-
-
-def _suggest_template(template_name: str, have: str, want: str) -> str:
-    """'pick zero2_bf16' when that sibling template exists, else a list of templates enabling ``want``."""
-    stem = Path(template_name).stem
-    if stem.endswith(f"_{have}"):
-        sibling = stem[: -len(have)] + want
-        if sibling in available_templates():
-            return f"pick {sibling}"
-    matching = [n for n in available_templates() if n.endswith(f"_{want}")]
-    return f"pick a template that {_describe(want)} ({', '.join(matching) or 'none in ds_configs/'})"
-
-
-def _check_template_precision(cfg: DeepSpeedConfig, template: dict) -> None:
-    """No engine-owned key in the template, and its fp16/bf16 block matches ``cfg.precision``."""
-    name = f"template {cfg.template}"
+def _check_template(name: str, template: dict) -> None:
+    """No engine-owned key in the template, one precision at most, and not fp16 with ZeRO-0."""
     for key, owner in _OWNED_ELSEWHERE.items():
         if key in template:
-            raise ValueError(f"{name} sets '{key}', which it must not: {owner}. Remove '{key}' from the template")
-    have = template_precision(template, name)
-    if have != cfg.precision:
-        raise ValueError(
-            f"{name} {_describe(have)} but ds.precision is {cfg.precision}; "
-            f"{_suggest_template(cfg.template, have, cfg.precision)} or set ds.precision={have}"
-        )
+            raise ValueError(f"template {name} sets '{key}', which it must not: {owner}. Remove '{key}' from it")
+    precision = template_precision(template, f"template {name}")
     stage = (template.get("zero_optimization") or {}).get("stage", 0)
-    if have == "fp16" and stage == 0:
+    if precision == "fp16" and stage == 0:
         raise ValueError(
-            f"{name} uses fp16 with ZeRO stage 0, which DeepSpeed (0.19.8) gets wrong with a torch optimizer: "
-            f"the engine never scales the loss but its FP16 optimizer wrapper divides the gradients by the loss "
-            f"scale (65536 at start), so AdamW sees gradients / 65536 and gradient clipping never triggers; "
-            f"use zero1_fp16 (or a higher stage) or bf16"
+            f"template {name} uses fp16 with ZeRO stage 0, which DeepSpeed (0.19.8) gets wrong with a torch "
+            f"optimizer: the engine never scales the loss but its FP16 optimizer wrapper divides the gradients by the "
+            f"loss scale (65536 at start), so the optimizer sees gradients / 65536 and gradient clipping never "
+            f"triggers; use zero1_fp16 (or a higher stage) or bf16"
         )
 
 
@@ -227,14 +206,14 @@ def check_precision_supported(precision: str, accelerator: Any = None) -> None:
     name = acc.device_name()
     if precision == "fp16" and not acc.is_fp16_supported():
         raise ValueError(
-            f"ds.precision=fp16 but DeepSpeed's {name} accelerator does not support fp16 on this machine"
+            f"the template enables fp16 but DeepSpeed's {name} accelerator does not support fp16 on this machine"
             + (" (its CPU has no native fp16 kernels)" if name == "cpu" else "")
-            + "; set ds.precision=bf16 with a *_bf16 template, or fp32 with a *_fp32 template"
+            + "; pick a *_bf16 or *_fp32 template (ds.template=...)"
         )
     if precision == "bf16" and not acc.is_bf16_supported():
         raise ValueError(
-            f"ds.precision=bf16 but DeepSpeed's {name} accelerator does not support bf16 on this machine "
-            f"(e.g. a GPU older than Ampere); set ds.precision=fp16 with a *_fp16 template, or fp32"
+            f"the template enables bf16 but DeepSpeed's {name} accelerator does not support bf16 on this machine "
+            f"(e.g. a GPU older than Ampere); pick a *_fp16 or *_fp32 template (ds.template=...)"
         )
 
 
@@ -253,13 +232,12 @@ def build_ds_config(
     * ``train_batch_size`` = ``derived.global_clips`` (= micro x accumulation x ``derived.world_size``),
     * ``gradient_clipping`` = ``clip_grad`` (None -> 0.0, which DeepSpeed reads as off).
 
-    Raises ValueError when the template sets one of those fields or an optimizer/scheduler block, when its
-    precision (fp16/bf16 block) disagrees with ``cfg.precision``, or when DeepSpeed's accelerator
-    (``accelerator``, default: the one DeepSpeed detected) cannot run that precision.
+    Raises ValueError when the template sets one of those fields or an optimizer/scheduler block, or when
+    DeepSpeed's accelerator (``accelerator``, default: the one DeepSpeed detected) cannot run its precision.
     """
     template = load_template(cfg.template)
-    _check_template_precision(cfg, template)
-    check_precision_supported(cfg.precision, accelerator)
+    _check_template(cfg.template, template)
+    check_precision_supported(template_precision(template), accelerator)
     if clip_grad is not None and not (clip_grad > 0 and math.isfinite(clip_grad)):
         raise ValueError(f"clip_grad must be a positive finite number or None (off), got {clip_grad}")
     micro = derived.clips_per_micro_step
@@ -312,6 +290,24 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
             f"needs deepspeed.ops.adam.DeepSpeedCPUAdam (same parameter groups, adamw_mode=True), not "
             f"{type(optimizer).__name__}; build that optimizer instead or pick a template without offload"
         )
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    from timm.optim import Lars
+
+    if stage > 0 and isinstance(optimizer, Lars):
+        # LARS scales each weight tensor's step by that tensor's norms, but ZeRO 1-3 hand the optimizer one
+        # flat partition per group (split across ranks): the trust ratio would be one group slice's, and would
+        # change with the world size.
+        raise ValueError(
+            f"optim.name=lars needs ZeRO stage 0, but the DeepSpeed config uses stage {stage}: ZeRO 1-3 give the "
+            f"optimizer flat partitions of whole parameter groups, so LARS's per-tensor trust ratio would be "
+            f"computed over a group's slice on each rank; pick a zero0_* template (e.g. zero0_fp32 or zero0_bf16)"
+        )
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) and not _is_ds_cpu_optimizer(optimizer):
+        # ZeRO 1-3 refuse optimizers outside DeepSpeed's own tested list (Adam, AdamW, its CPU / fused ones)
+        # unless the config allows them. Of build_optimizer's, only SGD gets here under ZeRO (LARS is refused
+        # above): its update is elementwise, so the same on ZeRO's flat partitions as on the tensors
+        # (tests/test_optim.py: training and exact resume under ZeRO-2). A copy: the caller's config stays as built.
+        ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
     dist.init_distributed(require_group=True)
     world = torch_dist.get_world_size()
     micro = ds_config.get("train_micro_batch_size_per_gpu")
@@ -497,7 +493,14 @@ def consolidated_fp32_state_dict(engine, checkpoint_dir: str, tag: str) -> Optio
 
 def cpu_adam_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """DeepSpeed's CPU Adam (AdamW mode) over the same parameter groups and hyper-parameters as ``optimizer``,
-    for the offload templates: ZeRO-Offload steps on the CPU with its own fused kernel (JIT-built once)."""
+    for the offload templates: ZeRO-Offload steps on the CPU with its own fused kernel (JIT-built once).
+    Only an AdamW can be replaced so: any other optimizer would silently become Adam."""
+    if not isinstance(optimizer, torch.optim.AdamW):
+        raise ValueError(
+            f"the offload templates (zero_optimization.offload_optimizer) step the optimizer with DeepSpeed's CPU "
+            f"Adam, which can only stand in for AdamW, not {type(optimizer).__name__}; use optim.name=adamw or "
+            f"pick a template without offload (e.g. zero2_bf16 or zero3_bf16)"
+        )
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
     defaults = optimizer.defaults

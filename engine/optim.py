@@ -1,9 +1,13 @@
-"""AdamW parameter groups and the per-step lr / weight-decay schedules (VideoMAE / MAE-ST recipes).
+"""Optimizer parameter groups, the optimizer itself (AdamW, SGD or LARS) and the per-step lr /
+weight-decay schedules (VideoMAE / MAE-ST / MAE recipes).
 
 Three pieces, used in this order by a training loop:
 
-1. ``build_optimizer`` (or ``param_groups``) splits the trainable parameters into AdamW groups:
+1. ``build_optimizer`` (or ``param_groups``) splits the trainable parameters into groups:
    weight decay or not, and, for fine-tuning with layer-wise lr decay, one pair per layer id.
+   The groups do not depend on the optimizer: ``optim.name`` only picks the update rule
+   (AdamW for pre-training and fine-tuning, SGD for MAE-ST's AVA / SSv2 fine-tuning and
+   VideoMAE's linear probe, LARS for MAE's linear probe) that runs over them.
    Each group carries two extra scalar keys next to torch's own: ``lr_scale`` (multiplies the
    scheduled lr) and ``use_weight_decay`` (whether the wd schedule applies), plus a ``name`` for
    logs. DeepSpeed keeps extra keys of a client optimizer's groups (it uses ``name`` itself) and
@@ -20,12 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
-from engine.config import Derived, _require
+from engine.config import Derived, require
 
 __all__ = [
     "param_groups",
@@ -37,10 +41,20 @@ __all__ = [
 ]
 
 
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "lars")
+
+
 @dataclass
 class OptimConfig:
-    """AdamW + cosine schedule with linear warmup (VideoMAE / MAE-ST style)."""
+    """The optimizer (AdamW, SGD or LARS) + cosine schedule with linear warmup (VideoMAE / MAE-ST style).
 
+    ``betas`` and ``eps`` are AdamW's only; ``momentum`` and ``nesterov`` apply to SGD and LARS, and
+    ``trust_coefficient`` to LARS. Weight decay is AdamW's decoupled decay, but SGD's and LARS's L2 term
+    added to the gradient, so a value tuned for one does not carry over to the others.
+    """
+
+    # update rule over the same parameter groups: adamw, sgd (MAE-ST AVA / SSv2 fine-tuning) or lars (MAE linear probe)
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
     # base lr; peak lr = blr * lr_scale_batch / 256 unless `lr` is set
     blr: float = 1.5e-4
     # absolute peak lr; when set, used as is and `blr` is ignored
@@ -49,14 +63,20 @@ class OptimConfig:
     min_lr: float = 1e-6
     # absolute lr at the first warmup step (not batch-scaled)
     warmup_lr: float = 1e-6
-    # AdamW weight decay (start value when a cosine wd schedule is used)
+    # weight decay: AdamW's decoupled decay, SGD's / LARS's L2 term (start value when a cosine wd schedule is used)
     weight_decay: float = 0.05
     # final weight decay of a cosine wd schedule; None keeps wd constant
     weight_decay_end: Optional[float] = None
-    # AdamW (beta1, beta2); 0.95 for beta2 is the MAE pre-training choice
+    # AdamW (beta1, beta2); 0.95 for beta2 is the MAE pre-training choice; ignored by sgd / lars
     betas: tuple[float, float] = (0.9, 0.95)
-    # AdamW epsilon
+    # AdamW epsilon; ignored by sgd / lars
     eps: float = 1e-8
+    # SGD / LARS momentum factor (0.9 in MAE-ST's SGD and MAE's LARS); 0 = plain SGD; ignored by adamw
+    momentum: float = 0.9
+    # SGD / LARS Nesterov momentum (needs momentum > 0); not valid with adamw
+    nesterov: bool = False
+    # LARS trust coefficient tc: a weight matrix's g + wd w is scaled by tc |w| / (|g| + wd |w|) (MAE: 0.001)
+    trust_coefficient: float = 0.001
     # max global grad norm; None disables clipping
     clip_grad: Optional[float] = None
     # training length in epochs
@@ -69,27 +89,38 @@ class OptimConfig:
     layer_decay: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _require(self.blr > 0, f"blr must be > 0, got {self.blr}")
-        _require(self.lr is None or self.lr > 0, f"lr must be > 0 or null, got {self.lr}")
-        _require(self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}")
-        _require(self.warmup_lr >= 0, f"warmup_lr must be >= 0, got {self.warmup_lr}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _require(
+        require(self.blr > 0, f"blr must be > 0, got {self.blr}")
+        require(self.lr is None or self.lr > 0, f"lr must be > 0 or null, got {self.lr}")
+        require(self.min_lr >= 0, f"min_lr must be >= 0, got {self.min_lr}")
+        require(self.warmup_lr >= 0, f"warmup_lr must be >= 0, got {self.warmup_lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(
             self.weight_decay_end is None or self.weight_decay_end >= 0,
             f"weight_decay_end must be >= 0 or null, got {self.weight_decay_end}",
         )
-        _require(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}")
-        _require(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        _require(
+        require(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}")
+        require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(self.name in OPTIMIZERS, f"name must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
+        require(0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}")
+        require(
+            not self.nesterov or self.name != "adamw",
+            "nesterov applies to sgd and lars only; set optim.nesterov=false for adamw",
+        )
+        require(
+            not self.nesterov or self.momentum > 0,
+            f"nesterov needs momentum > 0, got momentum={self.momentum}",
+        )
+        require(self.trust_coefficient > 0, f"trust_coefficient must be > 0, got {self.trust_coefficient}")
+        require(
             self.clip_grad is None or self.clip_grad > 0,
             f"clip_grad must be > 0 or null, got {self.clip_grad}",
         )
-        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        _require(
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(
             self.layer_decay is None or 0 < self.layer_decay <= 1,
             f"layer_decay must be in (0, 1] or null, got {self.layer_decay}",
         )
-        _require(
+        require(
             0 <= self.warmup_epochs <= self.epochs,
             f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}",
         )
@@ -317,15 +348,56 @@ def _group_decays(group: dict) -> bool:
 # --------------------------------------------------------------------------
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, layer_decay: Optional[float] = None) -> torch.optim.AdamW:
-    """AdamW over ``param_groups(model, cfg.weight_decay, layer_decay)`` with the config's betas and eps.
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, layer_decay: Optional[float] = None
+) -> torch.optim.Optimizer:
+    """``cfg.name``'s optimizer over ``param_groups(model, cfg.weight_decay, layer_decay)``.
 
-    The lr stored now (``warmup_lr x lr_scale``) is a placeholder: call ``apply_schedules`` before
-    every ``step()``. torch's default kernels are kept (foreach on CUDA, the plain loop on CPU).
+    * ``adamw``: ``torch.optim.AdamW`` with the config's betas and eps (decoupled weight decay).
+    * ``sgd``: ``torch.optim.SGD`` with ``momentum`` / ``nesterov``; weight decay is L2 added to
+      the gradient.
+    * ``lars``: timm's ``Lars`` (SGD with momentum whose step for each weight tensor is rescaled by
+      the trust ratio ``trust_coefficient x |w| / (|g| + wd |w|)``), without LARC clipping, as MAE's.
+      Per-tensor norms need whole tensors: ZeRO-0 only (``engine.ds.initialize`` refuses stages 1-3).
+
+    Every optimizer gets the same groups, so the no-decay set, layer decay and the omission of frozen
+    parameters hold for all of them, and ``apply_schedules`` drives each the same way. The lr stored
+    now (``warmup_lr x lr_scale``) is a placeholder: call ``apply_schedules`` before every ``step()``.
+    torch's default kernels are kept (foreach on CUDA, the plain loop on CPU).
     """
     groups = param_groups(model, cfg.weight_decay, layer_decay)
     for group in groups:
         group["lr"] = cfg.warmup_lr * group["lr_scale"]
-    return torch.optim.AdamW(
-        groups, lr=cfg.warmup_lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
-    )
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=cfg.warmup_lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.warmup_lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "lars":
+        from timm.optim import Lars  # imported here: loading a config must not import timm's optimizers
+
+        # MAE's LARS adapts only weight matrices, never biases and norm scales (an adaptive step
+        # for a near-zero bias is ill-defined), and adapts them even at weight decay 0 (its linear
+        # probe runs without wd). timm adapts a group when its weight_decay != 0 or always_adapt is
+        # set, so: decay groups always adapt, whatever the wd schedule does; no-decay groups keep
+        # weight_decay 0 (apply_schedules never writes it) and never adapt, i.e. plain momentum SGD.
+        # The no-decay groups also hold the position tables and cls / mask tokens, which MAE's
+        # shape rule would adapt; here they follow their group, as they do for weight decay.
+        # trust_clip stays off: LARC's clipping is not part of MAE's LARS. With weight decay, timm's
+        # denominator is |g| + wd |w| (the LARS paper's), MAE's |g + wd w|; they agree at wd 0.
+        for group in groups:
+            group["always_adapt"] = group["use_weight_decay"]
+        return Lars(
+            groups,
+            lr=cfg.warmup_lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            trust_coeff=cfg.trust_coefficient,
+            trust_clip=False,
+            always_adapt=False,
+        )
+    raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The main job, from a fresh machine: sets up .venv if needed, then runs the whole story on CPU on the built-in
-# synthetic dataset: pre-train a tiny VideoMAE, fine-tune it, fine-tune the same model from scratch with the
-# same budget, test both and print the table (run_scripts/transfer_demo.py). Running it again resumes, or
-# reports each stage complete. Extra arguments go to transfer_demo.py, e.g.
+# The main job, from a fresh machine: sets up .venv (or $VENV) if needed, then runs the whole story on CPU on
+# the built-in synthetic dataset: pre-train a tiny VideoMAE, fine-tune it, fine-tune the same model from scratch
+# with the same budget, test both and print the table (run_scripts/transfer_demo.py). Running it again resumes,
+# or reports each stage complete. Extra arguments go to transfer_demo.py, e.g.
 # `bash run_scripts/main.sh --pretrain-epochs 10 --finetune-epochs 5` for a quicker, weaker run.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The environment bootstrap.sh builds (VENV, default .venv). bootstrap.sh reads a relative VENV from the
+# caller's directory, so it is made absolute here before the cd below.
+venv=${VENV:-$root/.venv}
+[[ $venv == /* ]] || venv=$PWD/$venv
 bash "$root/run_scripts/bootstrap.sh"
 cd "$root"
-exec .venv/bin/python run_scripts/transfer_demo.py "$@"
+exec "$venv/bin/python" run_scripts/transfer_demo.py "$@"

@@ -13,6 +13,7 @@ rebuild anyway). Classes, layout and list format are documented in ``datasets/sy
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -78,6 +79,9 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # The generator reports its progress through logging (a large dataset takes a while); show it on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         spec = spec_from_args(args)
     except ValueError as error:  # a bad request is the user's error: a message, not a traceback

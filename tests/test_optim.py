@@ -1,12 +1,17 @@
-"""AdamW groups (weight decay, layer decay) and the per-step lr / wd schedules."""
+"""Parameter groups (weight decay, layer decay), the optimizers over them (AdamW, SGD, LARS), the per-step lr /
+wd schedules, and SGD / LARS under real DeepSpeed engines (one rank, in this process)."""
 
 import math
+import re
 
 import pytest
 import torch
+from timm.optim import Lars
 from torch import nn
 
-from engine.config import BatchConfig, derive
+from engine import checkpoint, dist
+from engine.config import BatchConfig, ConfigError, derive, load_config
+from engine.ds import DeepSpeedConfig, build_ds_config, cpu_adam_like
 from engine.optim import OptimConfig
 from engine.optim import (
     Schedules,
@@ -270,14 +275,238 @@ def test_step_decays_only_decay_parameters_by_scheduled_lr_times_wd():
     assert torch.equal(params["pos_embed.spatial"], before["pos_embed.spatial"])  # no decay, zero grad
 
 
-def test_group_settings_survive_an_optimizer_checkpoint():
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
+def test_group_settings_survive_an_optimizer_checkpoint(name):
     model = tiny_classifier()
-    optimizer = build_optimizer(model, OptimConfig(), layer_decay=0.75)
+    optimizer = build_optimizer(model, OptimConfig(name=name), layer_decay=0.75)
     state = optimizer.state_dict()
-    fresh = build_optimizer(model, OptimConfig(), layer_decay=0.75)
+    fresh = build_optimizer(model, OptimConfig(name=name), layer_decay=0.75)
     for g in fresh.param_groups:
-        g["lr_scale"], g["use_weight_decay"] = -1.0, None
+        g["lr_scale"], g["use_weight_decay"], g["always_adapt"] = -1.0, None, None
     fresh.load_state_dict(state)
-    assert [(g["name"], g["lr_scale"], g["use_weight_decay"]) for g in fresh.param_groups] == [
-        (g["name"], g["lr_scale"], g["use_weight_decay"]) for g in optimizer.param_groups
-    ]
+
+    def settings(groups):
+        return [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+    assert settings(fresh.param_groups) == settings(optimizer.param_groups)
+
+
+# ---- choosing the optimizer ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD), ("lars", Lars)])
+def test_every_optimizer_runs_over_the_same_groups(name, cls):
+    model = tiny_classifier()
+    for p in model.patch_embed.parameters():
+        p.requires_grad_(False)
+    expected = param_groups(model, 0.05, layer_decay=0.75)
+    optimizer = build_optimizer(model, OptimConfig(name=name, warmup_lr=1e-5), layer_decay=0.75)
+    assert type(optimizer) is cls
+
+    def summary(groups):
+        return [(g["name"], g["lr_scale"], g["use_weight_decay"], g["weight_decay"], [id(p) for p in g["params"]])
+                for g in groups]
+
+    assert summary(optimizer.param_groups) == summary(expected)
+    # 4 layer ids x (decay, no decay), less layer 0's decay group: its only tensor, the patch projection, is frozen
+    assert len(expected) == 7 and "layer_0_decay" not in {g["name"] for g in expected}
+    assert all(g["lr"] == pytest.approx(1e-5 * g["lr_scale"]) for g in optimizer.param_groups)
+    if name == "lars":  # trust-ratio adaptation exactly where weight decay applies (MAE: not for biases / norms)
+        assert all(g["always_adapt"] == g["use_weight_decay"] and not g["trust_clip"] for g in optimizer.param_groups)
+
+
+def _random_grads(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def _group_of(model, optimizer) -> dict[str, dict]:
+    return {n: g for g in optimizer.param_groups for n in names_by_group(model, [g])[g["name"]]}
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_steps_match_the_update_written_out(nesterov):
+    model = tiny_classifier()
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", momentum=0.9, nesterov=nesterov), layer_decay=0.5)
+    group_of, params = _group_of(model, optimizer), dict(model.named_parameters())
+    expected = {n: p.detach().clone() for n, p in params.items()}
+    buffers = {}
+    for step in (3, 40):  # warmup, then cosine: lr and wd differ between the two steps
+        _random_grads(model, step)
+        lr, wd = apply_schedules(optimizer, step, SCHED)
+        for n, p in params.items():
+            group = group_of[n]
+            d = p.grad + wd * expected[n] if group["use_weight_decay"] else p.grad  # L2 term in the gradient
+            buffers[n] = d.clone() if n not in buffers else 0.9 * buffers[n] + d
+            d = d + 0.9 * buffers[n] if nesterov else buffers[n]
+            expected[n] = expected[n] - lr * group["lr_scale"] * d
+        optimizer.step()
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_lars_steps_match_the_trust_ratio_written_out(weight_decay):
+    """MAE's linear probe runs LARS at wd 0: weight matrices must still be adapted, biases and norms never."""
+    trust = 0.002
+    model = tiny_classifier()
+    sched = Schedules(total_steps=100, warmup_steps=10, lr=0.5, min_lr=1e-3, warmup_lr=0.1, weight_decay=weight_decay)
+    optimizer = build_optimizer(model, OptimConfig(name="lars", weight_decay=weight_decay, momentum=0.9,
+                                                   trust_coefficient=trust), layer_decay=0.5)
+    group_of, params = _group_of(model, optimizer), dict(model.named_parameters())
+    expected = {n: p.detach().clone() for n, p in params.items()}
+    buffers, ratios = {}, {}
+    for step in (3, 40):
+        _random_grads(model, step)
+        lr, wd = apply_schedules(optimizer, step, sched)
+        for n, p in params.items():
+            group, w, g = group_of[n], expected[n], p.grad
+            if group["use_weight_decay"]:
+                # one tensor's trust ratio (LARS paper, timm): trust * |w| / (|g| + wd * |w|)
+                ratios[n] = trust * w.norm() / (g.norm() + wd * w.norm())
+                d = (g + wd * w) * ratios[n]
+            else:
+                d = g  # no adaptation and no decay: momentum SGD
+            buffers[n] = d.clone() if n not in buffers else 0.9 * buffers[n] + d
+            expected[n] = w - lr * group["lr_scale"] * buffers[n]
+        optimizer.step()
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-6, atol=1e-7)
+    assert "head.weight" in ratios and "head.bias" not in ratios and "blocks.0.norm1.weight" not in ratios
+    assert max(float(r) for r in ratios.values()) < 0.01  # the adaptation changes the step by orders of magnitude
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(name="lamb"), "name must be one of adamw, sgd, lars, got 'lamb'"),
+    (dict(name="sgd", momentum=1.0), "momentum must lie in [0, 1), got 1.0"),
+    (dict(name="lars", momentum=-0.1), "momentum must lie in [0, 1), got -0.1"),
+    (dict(nesterov=True), "nesterov applies to sgd and lars only; set optim.nesterov=false for adamw"),
+    (dict(name="sgd", momentum=0.0, nesterov=True), "nesterov needs momentum > 0, got momentum=0.0"),
+    (dict(name="lars", trust_coefficient=0.0), "trust_coefficient must be > 0, got 0.0"),
+])
+def test_optimizer_settings_are_validated(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        OptimConfig(**fields)
+
+
+def test_optimizer_is_chosen_by_name_in_recipes_and_overrides():
+    cfg = load_config(OptimConfig, {"name": "lars", "weight_decay": 0.0}, ["momentum=0.8", "trust_coefficient=0.01"])
+    assert (cfg.name, cfg.momentum, cfg.trust_coefficient, cfg.weight_decay) == ("lars", 0.8, 0.01, 0.0)
+    assert OptimConfig().name == "adamw"
+    with pytest.raises(ConfigError, match="'lamb'.*adamw.*sgd.*lars"):  # the choices, from the Literal
+        load_config(OptimConfig, None, ["name=lamb"])
+
+
+@pytest.mark.parametrize("name, cls", [("sgd", "SGD"), ("lars", "Lars")])
+def test_offload_templates_refuse_optimizers_other_than_adamw(name, cls):
+    optimizer = build_optimizer(tiny_classifier(), OptimConfig(name=name))
+    with pytest.raises(ValueError, match=f"only stand in for AdamW, not {cls}; .*pick a template without offload"):
+        cpu_adam_like(optimizer)
+
+
+# ---- SGD and LARS under DeepSpeed ------------------------------------------------------------------------------
+
+DS_SCHED = Schedules(total_steps=6, warmup_steps=2, lr=0.1, min_lr=1e-3, warmup_lr=0.02, weight_decay=0.05,
+                     weight_decay_end=0.01)
+DS_OPTIM = dict(weight_decay=0.05, momentum=0.9, trust_coefficient=0.01)
+_deprecations = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def ds_group():
+    """A 1-rank gloo group for this module's engines, as tests/test_ds.py makes one: the launch variables that
+    init_distributed exports are set here so that they are undone afterwards."""
+    if torch.distributed.is_initialized():
+        pytest.fail("a process group leaked from an earlier test")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+            mp.delenv(key, raising=False)
+        launch = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist._free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+        for key, value in launch.items():
+            mp.setenv(key, value)
+        dist.init_distributed(require_group=True)
+        import engine.ds as ds
+
+        yield ds
+        dist.cleanup()
+
+
+def _ds_model():
+    torch.manual_seed(0)  # the same initial weights for every run
+    return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+
+
+def _ds_batch(step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(4, 8, generator=g), torch.randn(4, 4, generator=g)
+
+
+def _plain_torch(name: str) -> dict[str, torch.Tensor]:
+    model = _ds_model()
+    optimizer = build_optimizer(model, OptimConfig(name=name, **DS_OPTIM))
+    for step in range(DS_SCHED.total_steps):
+        apply_schedules(optimizer, step, DS_SCHED)
+        x, y = _ds_batch(step)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _ds_engine(ds, name: str, template: str):
+    batch = BatchConfig(micro_batch=4, grad_accum=1, repeats=1, num_workers=0)
+    ds_config = build_ds_config(DeepSpeedConfig(template=template), batch, derive(batch, OptimConfig(), 1), None)
+    model = _ds_model()
+    engine = ds.initialize(model, build_optimizer(model, OptimConfig(name=name, **DS_OPTIM)), ds_config)
+    assert "zero_allow_untested_optimizer" not in ds_config  # set on a copy only
+    return engine
+
+
+def _ds_train(ds, engine, steps) -> list[float]:
+    losses = []
+    for step in steps:
+        apply_schedules(engine.optimizer, step, DS_SCHED)  # as the training loop does
+        x, y = _ds_batch(step)
+        loss = nn.functional.mse_loss(engine(x), y)
+        ds.engine_step(engine, loss)
+        losses.append(loss.item())
+    return losses
+
+
+def _momentum(engine) -> list[torch.Tensor]:
+    """The momentum buffers, in group order (under ZeRO-2 one flat partition per group)."""
+    optimizer = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    return [optimizer.state[p]["momentum_buffer"].clone() for g in optimizer.param_groups for p in g["params"]]
+
+
+@_deprecations
+@pytest.mark.parametrize("name, template", [("sgd", "zero0_fp32"), ("sgd", "zero2_fp32"), ("lars", "zero0_fp32")])
+def test_deepspeed_trains_like_torch_and_resumes_exactly(ds_group, tmp_path, name, template):
+    steps, half = DS_SCHED.total_steps, DS_SCHED.total_steps // 2
+    whole = _ds_engine(ds_group, name, template)
+    losses = _ds_train(ds_group, whole, range(steps))
+    assert losses[-1] < losses[0]
+    expected = ds_group.full_parameters(whole)
+    reference = _plain_torch(name)
+    assert all(torch.equal(expected[n], reference[n]) for n in reference)  # bit for bit, as plain torch
+
+    first = _ds_engine(ds_group, name, template)
+    assert _ds_train(ds_group, first, range(half)) == losses[:half]
+    checkpoint.save_checkpoint(first, tmp_path, half, client_state={})
+    saved = _momentum(first)
+    resumed = _ds_engine(ds_group, name, template)
+    assert checkpoint.load_latest(resumed, tmp_path) is not None
+    restored = _momentum(resumed)
+    assert len(restored) == len(saved) and all(torch.equal(a, b) for a, b in zip(restored, saved))
+    assert _ds_train(ds_group, resumed, range(half, steps)) == losses[half:]
+    params = ds_group.full_parameters(resumed)
+    assert all(torch.equal(params[n], expected[n]) for n in expected)
+    assert {g["name"] for g in resumed.optimizer.param_groups} == {"decay", "no_decay"}
+
+
+@_deprecations
+def test_lars_is_refused_under_zero_partitions(ds_group):
+    with pytest.raises(ValueError, match="optim.name=lars needs ZeRO stage 0, but the DeepSpeed config uses stage 2"):
+        _ds_engine(ds_group, "lars", "zero2_fp32")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -155,12 +156,28 @@ def test_ensure_regenerates_partial_or_different_datasets(tmp_path):
     assert len(list(tmp_path.glob("videos/*/*.mp4"))) == 8
 
 
+def test_generation_says_what_it_is_doing(tmp_path, caplog):
+    """A large dataset takes a while: a start line, a line at each quarter and a closing line, through logging."""
+    spec = SyntheticSpec(num_videos=12, num_classes=4, frames=8, size=32)
+    with caplog.at_level(logging.INFO, logger="datasets.synthetic"):
+        ensure_synthetic_dataset(tmp_path, spec, workers=1)
+    messages = [record.getMessage() for record in caplog.records if record.name == "datasets.synthetic"]
+    assert messages[0].startswith(f"generating 12 synthetic videos into {tmp_path} ...")
+    assert [m.split()[0] for m in messages[1:-1]] == ["3/12", "6/12", "9/12"]
+    assert messages[-1].startswith("synthetic dataset done in ")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="datasets.synthetic"):
+        ensure_synthetic_dataset(tmp_path, spec, workers=1)  # complete already: nothing to say
+    assert not [record for record in caplog.records if record.name == "datasets.synthetic"]
+
+
 def test_cli_prints_a_summary(tmp_path):
     command = [sys.executable, str(ROOT / "run_scripts/make_synthetic.py"), "--out", str(tmp_path),
                "--num-videos", "6", "--num-classes", "3", "--frames", "8", "--size", "32", "--workers", "1"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, check=True,
                             env={**os.environ, "PYTHONPATH": ""})
     assert "move_up" in result.stdout and "generated in" in result.stdout
+    assert "generating 6 synthetic videos" in result.stderr and "done in" in result.stderr  # progress, on stderr
     assert len(read_list(tmp_path / "train.csv")) + len(read_list(tmp_path / "val.csv")) == 6
     bad = subprocess.run(command[:-4] + ["--num-classes", str(len(CLASS_NAMES) + 1)], capture_output=True,
                          text=True)
