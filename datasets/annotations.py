@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional, get_args
 
+from datasets.files import PARTIAL
+
 AnnotationFormat = Literal["video", "video_v2", "frames_start_total", "frames_total_label"]
 FORMATS: tuple[str, ...] = get_args(AnnotationFormat)
 
@@ -242,5 +244,6 @@ def _walk_files(root: str):
 
 def _is_video_name(name: str, extensions: tuple[str, ...]) -> bool:
     lowered = name.lower()
-    # datasets.video_io writes '<name>.partial<ext>' and renames it when done: never read a half-written file.
-    return lowered.endswith(tuple(extensions)) and ".partial." not in lowered
+    # datasets.video_io writes '<stem>.partial<ext>' (datasets.files.atomic_path, keep_suffix) and renames it
+    # when done: never read a half-written file.
+    return lowered.endswith(tuple(extensions)) and f"{PARTIAL}." not in lowered

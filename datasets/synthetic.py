@@ -69,6 +69,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.files import partial_path, write_text_atomic
 from datasets.video_io import write_video
 
 log = logging.getLogger(__name__)
@@ -673,9 +674,9 @@ def split_indices(spec: SyntheticSpec) -> dict[str, list[int]]:
 
 def _write_text(path: Path, lines: list[str]) -> None:
     """Write atomically (temporary name, then rename): a reader never sees half a file."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(partial, path)
+    # Not synced, like the videos: one sync per file would slow generation, and a dataset that reads incomplete
+    # is generated again from its spec.
+    write_text_atomic(path, "".join(line + "\n" for line in lines), fsync=False)
 
 
 def _list_lines(spec: SyntheticSpec, indices: list[int]) -> list[str]:
@@ -699,7 +700,9 @@ def _meta(spec: SyntheticSpec, splits: dict[str, list[int]]) -> dict:
     }
 
 
-_OUR_VIDEO = re.compile(r"\d{6}\.mp4(\.partial\.mp4)?")
+# A finished video, its temporary name while written (datasets.files.partial_path with keep_suffix), and the
+# temporary name earlier versions used, so that a killed older generation is cleared too.
+_OUR_VIDEO = re.compile(r"\d{6}(\.partial|\.mp4\.partial)?\.mp4")
 
 
 def _clear_previous_output(out_dir: Path) -> None:
@@ -709,7 +712,7 @@ def _clear_previous_output(out_dir: Path) -> None:
     """
     (out_dir / "meta.json").unlink(missing_ok=True)  # first: from here on the directory reads as incomplete
     for name in ("train.csv", "val.csv", "labels.txt"):
-        for path in (out_dir / name, out_dir / f"{name}.partial"):
+        for path in (out_dir / name, partial_path(out_dir / name), out_dir / f"{name}.partial"):  # last: older name
             path.unlink(missing_ok=True)
     for class_name in CLASS_NAMES:
         class_dir = out_dir / "videos" / class_name

@@ -22,7 +22,6 @@ from datasets.decode import VideoReadError, open_video
 from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from datasets.sampling import (
     clip_span,
-    dense_indices,
     multiview_segment_indices,
     multiview_temporal_indices,
     repeated_dense_indices,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import av
 import numpy as np
+
+from datasets.files import atomic_path
 
 
 def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 30, *, crf: int = 23,
@@ -17,9 +18,11 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 30, *, crf
     The file is written to a temporary name and renamed, so a killed writer never leaves a truncated video
     behind under the final name.
     """
-    tmp = f"{path}.partial{os.path.splitext(path)[1]}"
     count = 0
-    with av.open(tmp, mode="w") as container:
+    # The extension stays last because PyAV picks the container from it; the '.partial' in the name is what
+    # datasets.annotations skips. Not synced: a generated dataset has thousands of videos and is made again
+    # from its spec when it reads incomplete.
+    with atomic_path(path, keep_suffix=True, fsync=False) as tmp, av.open(str(tmp), mode="w") as container:
         stream = None
         for frame in frames:
             if stream is None:
@@ -36,5 +39,4 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 30, *, crf
         if stream is None:
             raise ValueError(f"no frames to write to {path}")
         container.mux(stream.encode())  # flush the encoder's delayed frames
-    os.replace(tmp, path)
     return count

@@ -31,6 +31,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as torch_dist
 
+from datasets.files import atomic_path, write_text_atomic
+
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -71,9 +73,8 @@ def _barrier() -> None:
 
 
 def _write_marker(directory: Path, step: int) -> None:
-    tmp = directory / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
-    os.replace(tmp, directory / MARKER)
+    # Not synced: the shards DeepSpeed just wrote are not either, so syncing the marker alone would promise nothing.
+    write_text_atomic(directory / MARKER, json.dumps({"step": step, "time": time.time()}) + "\n", fsync=False)
 
 
 def _rank() -> int:
@@ -167,14 +168,14 @@ def export_weights(state_dict: dict[str, torch.Tensor], path: str | os.PathLike)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().float().contiguous().cpu() for name, tensor in state_dict.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    # Not synced, like the checkpoints: the rename is what keeps a killed writer from leaving a truncated file.
+    with atomic_path(path, fsync=False) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(tensors, str(tmp))
-    else:
-        torch.save(tensors, tmp)
-    os.replace(tmp, path)
+            save_file(tensors, str(tmp))
+        else:
+            torch.save(tensors, tmp)
     return path
 
 

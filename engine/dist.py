@@ -8,7 +8,8 @@ Launchers and what they tell a process (``detect_launch`` reads only the environ
   asks for one because DeepSpeed needs a process group even for a single rank.
 * ``torchrun`` -- RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (recognised by TORCHELASTIC_RUN_ID).
 * ``deepspeed`` launcher -- the same five variables (recognised by its CROSS_RANK/CROSS_SIZE/LOCAL_SIZE). It
-  also appends ``--local_rank=N`` to the script's arguments, which ``engine.config.parse_cli`` reads as a flag.
+  also appends ``--local_rank=N`` to the script's arguments, which ``engine.launch`` accepts and ignores (the
+  rank is read from the environment).
 * ``srun`` -- SLURM_PROCID (rank), SLURM_STEP_NUM_TASKS or SLURM_NTASKS (world size), SLURM_LOCALID (local
   rank). The master address is MASTER_ADDR if set, else the first host of SLURM_STEP_NODELIST,
   SLURM_JOB_NODELIST or SLURM_NODELIST (host-list syntax expanded by ``expand_hostlist``); the port is

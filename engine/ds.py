@@ -321,6 +321,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
             f"= {micro * accum * world}: the config was derived for another world size; call derive() with "
             f"the launched world size ({world})"
         )
+    _announce_op_builds(ds_config)
     import deepspeed
 
     _align_deepspeed_logger()
@@ -331,6 +332,24 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine
+
+
+def _announce_op_builds(ds_config: dict) -> None:
+    """The first DeepSpeed start on a CPU machine JIT-compiles its ops with g++ (about a minute on 2 cores), which
+    would otherwise look like a hang: say which ones and where they are cached."""
+    if torch.cuda.is_available():
+        return
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+    except ImportError:  # a torch without it: nothing to announce
+        return
+    ops = ["deepspeed_shm_comm"] + (["cpu_adam"] if offloads_optimizer(ds_config) else [])
+    folders = {op: Path(_get_build_directory(op, verbose=False)) for op in ops}
+    missing = [op for op, folder in folders.items() if not (folder / f"{op}.so").is_file()]
+    if missing:
+        logging.getLogger("train").info(
+            "DeepSpeed compiles %s for this machine now (once; about a minute on 2 cores), cached in %s",
+            " and ".join(missing), folders[missing[0]].parent)
 
 
 def _steps_at_construction(ds_config: dict) -> bool:

@@ -21,7 +21,7 @@ contiguous); use the returned tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -48,7 +48,6 @@ class MixupConfig:
     switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are enabled
     mode: str = "batch"  # timm mode: 'batch' (one lam/box per batch), 'pair' or 'elem'
     label_smoothing: float = 0.1  # off classes get label_smoothing / num_classes
-    enabled: bool = field(init=False)  # derived: mixup_alpha > 0 or cutmix_alpha > 0
 
     def __post_init__(self) -> None:
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
@@ -59,7 +58,11 @@ class MixupConfig:
             raise ValueError(f"mode must be 'batch', 'pair' or 'elem', got {self.mode!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        self.enabled = self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether clips are mixed at all (mixup_alpha > 0 or cutmix_alpha > 0)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 def build_mixup(cfg: MixupConfig, num_classes: int) -> Optional[MixupFn]:

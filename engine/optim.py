@@ -295,15 +295,9 @@ class Schedules:
         """The run's schedules: peak lr and step counts from ``derive()``, the rest from the config."""
         if derived.total_steps is None or derived.warmup_steps is None:
             raise ValueError("the schedules need step counts: call derive() with num_train_samples")
-        return cls(
-            total_steps=derived.total_steps,
-            warmup_steps=derived.warmup_steps,
-            lr=derived.lr,
-            min_lr=derived.min_lr,
-            warmup_lr=derived.warmup_lr,
-            weight_decay=optim.weight_decay,
-            weight_decay_end=optim.weight_decay_end,
-        )
+        return cls(total_steps=derived.total_steps, warmup_steps=derived.warmup_steps, lr=derived.lr,
+                   min_lr=derived.min_lr, warmup_lr=derived.warmup_lr, weight_decay=optim.weight_decay,
+                   weight_decay_end=optim.weight_decay_end)
 
     def lr_at(self, step: int) -> float:
         return cosine_schedule(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
@@ -390,14 +384,7 @@ def build_optimizer(
         # denominator is |g| + wd |w| (the LARS paper's), MAE's |g + wd w|; they agree at wd 0.
         for group in groups:
             group["always_adapt"] = group["use_weight_decay"]
-        return Lars(
-            groups,
-            lr=cfg.warmup_lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-            trust_coeff=cfg.trust_coefficient,
-            trust_clip=False,
-            always_adapt=False,
-        )
+        return Lars(groups, lr=cfg.warmup_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                    weight_decay=cfg.weight_decay, trust_coeff=cfg.trust_coefficient, trust_clip=False,
+                    always_adapt=False)
     raise ValueError(f"unknown optimizer {cfg.name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -3,7 +3,7 @@
 Nothing in this package knows about processes, devices or precision.
 """
 
-from models.videomae import PretrainModelConfig, VideoMAE, build_pretrain_model
+from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, ViTConfig, VisionTransformer, build_classifier
 
 __all__ = [
@@ -13,5 +13,4 @@ __all__ = [
     "VideoMAE",
     "VisionTransformer",
     "build_classifier",
-    "build_pretrain_model",
 ]

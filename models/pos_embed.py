@@ -75,21 +75,6 @@ def resample_temporal(table: torch.Tensor, new_t: int) -> torch.Tensor:
     return signal.transpose(1, 2).to(table.dtype)
 
 
-def resample_joint_table(table: torch.Tensor, old_grid: Grid, new_grid: Grid, num_prefix: int = 0):
-    """Trilinear resampling of a learned (1, prefix + T*H*W, D) table, e.g. VideoMAE's learnable ``pos_embed``.
-
-    ``num_prefix`` leading entries (cls tokens) are kept as they are.
-    """
-    if tuple(old_grid) == tuple(new_grid):
-        return table
-    prefix, body = table[:, :num_prefix], table[:, num_prefix:]
-    dim = body.shape[-1]
-    volume = body.reshape(1, *old_grid, dim).permute(0, 4, 1, 2, 3).float()
-    volume = F.interpolate(volume, size=tuple(new_grid), mode="trilinear", align_corners=False)
-    body = volume.permute(0, 2, 3, 4, 1).reshape(1, -1, dim).to(table.dtype)
-    return torch.cat([prefix, body], dim=1)
-
-
 class PositionEmbedding(nn.Module):
     """The position table of one transformer (encoder or decoder).
 

@@ -255,7 +255,3 @@ class VideoMAE(nn.Module):
         names = {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
         names |= {name for name, _ in self.named_parameters() if "pos_embed" in name}
         return names | {"mask_token"}
-
-
-def build_pretrain_model(cfg: PretrainModelConfig) -> VideoMAE:
-    return VideoMAE(cfg)

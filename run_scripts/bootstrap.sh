@@ -2,6 +2,7 @@
 # Creates or refreshes the project's virtual environment (.venv in the repository root).
 #
 # Idempotent: when .venv was built from the same setup.py, constraints and this script, it returns at once.
+# Prints the environment's python as the last line of its standard output (main.sh and test.sh run it).
 # Order matters: torch first (DeepSpeed imports it while building), then this project and its dependencies
 # without build isolation.
 #
@@ -13,12 +14,14 @@ set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${VENV:-$root/.venv}
+[[ $venv == /* ]] || venv=$PWD/$venv  # a relative VENV is the caller's, wherever the caller goes next
 python=${PYTHON:-python3}
 constraints=$root/run_scripts/constraints.txt
 stamp=$venv/.bootstrap-stamp
 fingerprint=$(cat "$root/setup.py" "$constraints" "$root/run_scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1)
 
 if [[ -f $stamp && $(cat "$stamp") == "$fingerprint" && -x $venv/bin/python ]]; then
+    echo "$venv/bin/python"
     exit 0
 fi
 
@@ -41,3 +44,4 @@ torch_index=()
 echo "$fingerprint" > "$stamp"
 versions=$("$venv/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null | tail -n 1)
 echo "bootstrap: ready: $versions" >&2
+echo "$venv/bin/python"

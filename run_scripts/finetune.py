@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
+from engine.config import ConfigError  # noqa: E402
 from engine.finetune import EXPORTS, FinetuneTask, describe_scores, evaluate_weights, write_json  # noqa: E402
 from engine.launch import launch  # noqa: E402
 
@@ -36,8 +37,7 @@ def add_flags(parser) -> None:
 def eval_only(cfg, flags, info) -> int | None:
     if not flags.eval_only:
         if flags.weights:
-            raise SystemExit("finetune.py: --weights is for --eval-only; to start training from weights, set "
-                             "model.init=PATH")
+            raise ConfigError("--weights is for --eval-only; to start training from weights, set model.init=PATH")
         return None
     weights = Path(flags.weights or Path(cfg.run.output_dir) / EXPORTS["model"][0])
     summary = evaluate_weights(cfg, str(weights), info.device)

@@ -6,10 +6,6 @@
 # `bash run_scripts/main.sh --pretrain-epochs 10 --finetune-epochs 5` for a quicker, weaker run.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# The environment bootstrap.sh builds (VENV, default .venv). bootstrap.sh reads a relative VENV from the
-# caller's directory, so it is made absolute here before the cd below.
-venv=${VENV:-$root/.venv}
-[[ $venv == /* ]] || venv=$PWD/$venv
-bash "$root/run_scripts/bootstrap.sh"
+python=$(bash "$root/run_scripts/bootstrap.sh" | tail -n 1)  # the python of $VENV (default .venv)
 cd "$root"
-exec "$venv/bin/python" run_scripts/transfer_demo.py "$@"
+exec "$python" run_scripts/transfer_demo.py "$@"

@@ -3,11 +3,7 @@
 # Extra arguments go to pytest, e.g. `bash run_scripts/test.sh -k masking -x`.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-# The environment bootstrap.sh builds (VENV, default .venv). bootstrap.sh reads a relative VENV from the
-# caller's directory, so it is made absolute here before the cd below.
-venv=${VENV:-$root/.venv}
-[[ $venv == /* ]] || venv=$PWD/$venv
-bash "$root/run_scripts/bootstrap.sh"
+python=$(bash "$root/run_scripts/bootstrap.sh" | tail -n 1)  # the python of $VENV (default .venv)
 cd "$root"
 # pytest exits 5 when it collected no test: that is a failure here, like any other non-zero code.
-exec "$venv/bin/python" -m pytest tests -rs "$@"  # -rs: a skipped test says why in the summary
+exec "$python" -m pytest tests -rs "$@"  # -rs: a skipped test says why in the summary

@@ -99,7 +99,7 @@ def test_exported_weights_reload_safely(tmp_path, name):
     torch.testing.assert_close(loaded["b"], torch.tensor([0.0, 2.0, 4.0]))
     if name.endswith(".pt"):
         torch.load(path, weights_only=True)  # no pickled objects
-    assert not list((tmp_path / "out").glob(".*tmp"))
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [name]  # no temporary file left behind
 
 
 def test_rng_states_round_trip():

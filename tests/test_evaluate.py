@@ -66,13 +66,22 @@ def test_topk_clipped_to_number_of_classes():
 
 
 def test_one_view_per_video():
-    acc = ScoreAccumulator(3, 4)
-    logits = torch.randn(3, 4)
-    acc.add(logits, torch.tensor([0, 1, 2]))
-    labels = logits.argmax(1).tolist()
-    out = summarize(acc, labels, ["a", "b", "c"], 1)
-    assert out == {"top1": 1.0, "top5": 1.0, "mean_class_accuracy": 1.0, "num_videos": 3, "num_scored": 3,
-                   "unscored": [], "partially_scored": []}
+    # 7 classes, so top-5 can miss; rows arrive out of video order and must still land on their own video.
+    orders = {
+        0: [3, 0, 1, 2, 4, 5, 6],  # label 3 ranked 1st: top-1 and top-5 right
+        1: [1, 2, 3, 4, 5, 6, 0],  # label 0 ranked 7th: both wrong
+        2: [6, 5, 4, 3, 2, 1, 0],  # label 2 ranked 5th: top-5 right, top-1 wrong
+        3: [0, 1, 2, 3, 4, 5, 6],  # label 0 ranked 1st: both right
+        4: [1, 3, 0, 2, 4, 5, 6],  # label 3 ranked 2nd: top-5 right, top-1 wrong
+    }
+    labels = [3, 0, 2, 0, 3]
+    arrival = [2, 4, 0, 3, 1]
+    acc = ScoreAccumulator(5, 7)
+    acc.add(torch.stack([_one_hot_logits(orders[v], 7) for v in arrival]), torch.tensor(arrival))
+    out = summarize(acc, labels, ["a", "b", "c", "d", "e"], 1)
+    # top-1: videos 0, 3 of 5; top-5: all but video 1; per class: 3 -> 1/2, 0 -> 1/2, 2 -> 0/1.
+    assert out == {"top1": 2 / 5, "top5": 4 / 5, "mean_class_accuracy": (1 / 2 + 1 / 2 + 0) / 3, "num_videos": 5,
+                   "num_scored": 5, "unscored": [], "partially_scored": []}
 
 
 def test_unreadable_video_is_unscored_and_not_counted():

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,12 +105,15 @@ def test_eval_only_reproduces_the_final_test(finished_run, data_root):
 def test_an_unreadable_test_video_is_listed_on_one_and_two_ranks_alike(finished_run, data_root, tmp_path):
     """9 videos x 3 temporal views = 27 items: an uneven split over two ranks; every video is scored once and
     the broken one is reported, not replaced."""
-    overrides = ("--eval-only", f"--weights={finished_run / 'weights.pt'}",
-                 f"data.test_list={data_root / 'test_with_broken.csv'}", "data.test_temporal_views=3")
+    overrides = (f"data.test_list={data_root / 'test_with_broken.csv'}", "data.test_temporal_views=3")
     one, two = tmp_path / "one", tmp_path / "two"
-    run(command(one, data_root, *overrides))
+    for folder in (one, two):  # --eval-only writes its report next to the weights it tested: one copy each
+        folder.mkdir()
+        shutil.copy(finished_run / "weights.pt", folder / "weights.pt")
+    run(command(one, data_root, "--eval-only", f"--weights={one / 'weights.pt'}", *overrides))
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631")
-    run(command(two, data_root, *overrides, launcher=torchrun))
+    run(command(tmp_path / "run", data_root, "--eval-only", f"--weights={two / 'weights.pt'}", *overrides,
+                launcher=torchrun))
     single = json.loads((one / "eval_weights.json").read_text())["model"]
     double = json.loads((two / "eval_weights.json").read_text())["model"]
     assert single["num_videos"] == 9 and single["num_scored"] == 8

@@ -9,7 +9,6 @@ import torch
 
 from models.pos_embed import (
     PositionEmbedding,
-    resample_joint_table,
     resample_spatial,
     resample_temporal,
     separable_table,
@@ -171,14 +170,6 @@ def test_separable_resampling_to_another_grid():
     torch.testing.assert_close(resample_temporal(constant, 9), torch.ones(1, 9, 6))
     big = separable_table(pos.spatial, pos.temporal, (2, 4, 4))
     torch.testing.assert_close(big[:, :16] - big[:, 16:], (big[:, :16] - big[:, 16:])[:, :1].expand(1, 16, 6))
-
-
-def test_joint_table_resampling_keeps_the_cls_prefix():
-    table = torch.randn(1, 1 + 2 * 3 * 3, 4)
-    resampled = resample_joint_table(table, (2, 3, 3), (4, 6, 6), num_prefix=1)
-    assert resampled.shape == (1, 1 + 4 * 36, 4)
-    torch.testing.assert_close(resampled[:, :1], table[:, :1])
-    assert resample_joint_table(table, (2, 3, 3), (2, 3, 3), num_prefix=1) is table
 
 
 # ---- targets and the pre-training objective ------------------------------------------------------------------

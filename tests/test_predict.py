@@ -17,7 +17,7 @@ from engine.checkpoint import export_weights
 from engine.config import save_config
 from engine.finetune import FinetuneConfig, FinetuneModelConfig
 from engine.pretrain import PretrainConfig
-from models.videomae import PretrainModelConfig, build_pretrain_model
+from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ViTConfig, build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_an_unreadable_video_exits_1_with_the_reason(run, tmp_path, capsys, vide
 
 
 def pretrain_weights(directory: Path) -> Path:
-    model = build_pretrain_model(PretrainModelConfig(encoder=ViTConfig(**ENCODER)))
+    model = VideoMAE(PretrainModelConfig(encoder=ViTConfig(**ENCODER)))
     return export_weights(model.state_dict(), directory / "weights.pt")
 
 

@@ -12,6 +12,7 @@ import decord
 import numpy as np
 import pytest
 
+from datasets.files import partial_path
 from datasets.synthetic import (
     CLASS_NAMES,
     SyntheticSpec,
@@ -143,11 +144,15 @@ def test_ensure_regenerates_partial_or_different_datasets(tmp_path):
     spec = SyntheticSpec(num_videos=12, num_classes=4, frames=8, size=32)
     make_synthetic_dataset(tmp_path, spec, workers=1)
 
-    # interrupted run: no marker (and a video missing) -> everything is written again
+    # interrupted run: no marker (a video missing, one left half-written) -> everything is written again
     (tmp_path / "meta.json").unlink()
     (tmp_path / "videos/move_up/000002.mp4").unlink()
+    # an index this spec never writes, so only the clean-up can remove it
+    leftover = partial_path(tmp_path / "videos/move_up/000099.mp4", keep_suffix=True)
+    leftover.write_bytes(b"half")
     assert ensure_synthetic_dataset(tmp_path, spec, workers=1)["generated"]
     assert (tmp_path / "videos/move_up/000002.mp4").is_file() and (tmp_path / "meta.json").is_file()
+    assert not leftover.exists()
 
     # other parameters (given as overrides): rebuilt, and the videos of the old request are gone
     summary = ensure_synthetic_dataset(tmp_path, spec, workers=1, num_videos=8, seed=5)
