@@ -131,26 +131,6 @@ STEPS, ACCUM, MICRO = 3, 2, 4
 LRS = (1e-2, 5e-3, 2e-3)  # our own schedule, written into the param groups before each optimizer step
 
 
-@pytest.fixture(scope="module")
-def ds_group():
-    """A 1-rank gloo group for every engine of this module, with the variables a launcher would set."""
-    if torch.distributed.is_initialized():
-        pytest.fail("a process group leaked from an earlier test: every test must destroy the groups it makes")
-    with pytest.MonkeyPatch.context() as mp:
-        for key in LAUNCH_VARS:
-            mp.delenv(key, raising=False)
-        mp.setenv("MASTER_ADDR", "127.0.0.1")
-        mp.setenv("MASTER_PORT", str(dist._free_port()))
-        mp.setenv("RANK", "0")
-        mp.setenv("WORLD_SIZE", "1")
-        mp.setenv("LOCAL_RANK", "0")
-        dist.init_distributed(require_group=True)
-        import engine.ds as ds
-
-        yield ds
-        dist.cleanup()
-
-
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))

@@ -413,26 +413,6 @@ DS_OPTIM = dict(weight_decay=0.05, momentum=0.9, trust_coefficient=0.01)
 _deprecations = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
 
 
-@pytest.fixture(scope="module")
-def ds_group():
-    """A 1-rank gloo group for this module's engines, as tests/test_ds.py makes one: the launch variables that
-    init_distributed exports are set here so that they are undone afterwards."""
-    if torch.distributed.is_initialized():
-        pytest.fail("a process group leaked from an earlier test")
-    with pytest.MonkeyPatch.context() as mp:
-        for key in ("TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
-            mp.delenv(key, raising=False)
-        launch = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist._free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-        for key, value in launch.items():
-            mp.setenv(key, value)
-        dist.init_distributed(require_group=True)
-        import engine.ds as ds
-
-        yield ds
-        dist.cleanup()
-
-
 def _ds_model():
     torch.manual_seed(0)  # the same initial weights for every run
     return nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
