@@ -27,7 +27,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from datasets.files import atomic_path
+from datasets.files import write_text_atomic
 
 if TYPE_CHECKING:
     from engine.optim import OptimConfig
@@ -226,9 +226,9 @@ def load_config(cls: type, recipe: Union[str, Path, Mapping, None] = None, overr
         merged = _merge(merged, data, source)
     touched: dict[str, str] = {}  # dotted key of each override -> its label, for errors of whole sections
     for override in overrides:
-        key, value = _parse_override(override)
+        key = _override_key(override)
         touched[key] = f"command-line override '{override}'"
-        merged = _merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]), touched[key])
+        merged = _merge(merged, OmegaConf.from_dotlist([override]), touched[key])
     return _instantiate(merged, "", str(recipe) if isinstance(recipe, (str, Path)) else "", touched)
 
 
@@ -244,12 +244,12 @@ def _read_recipe(path: Path) -> Any:
     return data or {}  # an empty recipe means "all defaults"
 
 
-def _parse_override(override: str) -> tuple[str, str]:
-    key, equals, value = override.partition("=")
-    key = key.strip()
-    if not equals or not key or any(not part for part in key.split(".")):
+def _override_key(override: str) -> str:
+    """The dotted key an override sets; OmegaConf would take ``optim.lr`` without ``=`` as ``optim.lr=null``."""
+    key, equals, _ = override.partition("=")
+    if not equals or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"override {override!r} must look like key.subkey=value")
-    return key, value
+    return key.strip()
 
 
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
@@ -327,6 +327,5 @@ def save_config(cfg: Any, out_dir: Union[str, Path], derived: Union[Mapping, Der
     if derived is not None:
         files["derived.yaml"] = derived.as_dict() if isinstance(derived, Derived) else dict(derived)
     for name, data in files.items():
-        with atomic_path(out / name) as tmp:
-            tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=False), encoding="utf-8")
+        write_text_atomic(out / name, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
     return [out / name for name in files]

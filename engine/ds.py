@@ -51,7 +51,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -76,8 +76,6 @@ __all__ = [
     "full_parameters",
 ]
 
-Precision = Literal["fp32", "fp16", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 
 # The repository's DeepSpeed templates (ds_configs/<name>.json).
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "ds_configs"

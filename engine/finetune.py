@@ -16,18 +16,18 @@ from typing import Literal, Optional
 
 import torch
 
+from datasets.files import write_text_atomic
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, EvalClips, model_input
-from datasets.files import write_text_atomic
 from engine import checkpoint, ds
 from engine.config import BatchConfig
 from engine.data import read_split, train_clips
 from engine.dist import is_main_process
 from engine.evaluate import evaluate_clips
 from engine.loop import RunConfig
+from engine.mixup import MixupConfig, build_mixup, classification_loss
 from engine.optim import OptimConfig
 from engine.task import Task, export_final_weights
-from engine.mixup import MixupConfig, build_mixup, classification_loss
 from models.convert import load_into_classifier
 from models.masking import MaskConfig, build_mask_generator
 from models.vit import ClassifierConfig, ViTConfig, build_classifier

@@ -164,7 +164,7 @@ def _train(task_cls: type, cfg: Any, info) -> int:
                           token_grid=task.token_grid())
     log.info("derived: %s", task.derived.as_dict())
     try:
-        train(task, cfg, task.derived, info)
+        train(task, info)
     except TrainingStopped as err:
         log.log(err.log_level, "%s", err)
         return err.exit_code

@@ -1,9 +1,10 @@
 """THE training loop, shared by every task.
 
 A task (``engine.task.Task``) supplies the model, its training dataset, how items become a micro-batch, which
-parameters train with which optimizer and what one micro-batch costs (``Task.loss``); the loop owns everything else: DeepSpeed, the lr/wd schedules by global step, gradient accumulation, the resumable
-sampler, checkpoints with exact resume, metrics, the non-finite-loss stop, and micro-batches whose videos could
-not be read (zero-weight blank steps, ``engine.unreadable``).
+parameters train with which optimizer and what one micro-batch costs (``Task.loss``); the loop owns everything
+else: DeepSpeed, the lr/wd schedules by global step, gradient accumulation, the resumable sampler, checkpoints
+with exact resume, metrics, the non-finite-loss stop, and micro-batches whose videos could not be read
+(zero-weight blank steps, ``engine.unreadable``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from datasets.sampler import ResumableDistributedSampler
 from engine import checkpoint, ds, preempt
-from engine.config import Derived, require, save_config
+from engine.config import require, save_config
 from engine.dist import DistInfo, barrier
 from engine.metrics import MetricsWriter, Throughput, peak_memory_gib, utilization
 from engine.optim import Schedules, apply_schedules, describe_groups
@@ -143,9 +144,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def train(task: Task, cfg, derived: Derived, info: DistInfo) -> TrainState:
-    """Run (or resume, or report complete) the training described by ``cfg`` (a root config with ``batch``,
-    ``optim``, ``run`` and ``ds`` sections)."""
+def train(task: Task, info: DistInfo) -> TrainState:
+    """Run (or resume, or report complete) the training of ``task``: its config ``task.cfg`` (a root config with
+    ``batch``, ``optim``, ``run`` and ``ds`` sections) and the values derived from it, ``task.derived``."""
+    cfg, derived = task.cfg, task.derived
     out = cfg.run.output_dir
     if info.is_main:
         save_config(cfg, out, derived)

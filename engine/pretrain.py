@@ -19,10 +19,10 @@ from engine.config import BatchConfig
 from engine.data import train_clips
 from engine.dist import is_main_process
 from engine.loop import RunConfig
-from engine.optim import OptimConfig
-from engine.task import Task, export_final_weights
 from engine.metrics import read_metrics
+from engine.optim import OptimConfig
 from engine.pictures import reconstruction_from_prediction, save_loss_curve
+from engine.task import Task, export_final_weights
 from models.masking import MaskConfig, build_mask_generator
 from models.videomae import PretrainModelConfig, VideoMAE
 
@@ -96,7 +96,8 @@ class PretrainTask(Task):
         engine.train()
         if is_main_process():
             path.parent.mkdir(parents=True, exist_ok=True)
-            reconstruction_from_prediction(engine.module, video, pred, mask, decoder_mask).save(path)
+            reconstruction_from_prediction(engine.module, video, pred, mask, decoder_mask,
+                                           subtract_clip_mean=self.cfg.data.subtract_clip_mean).save(path)
             log.info("wrote %s", path)
 
     def finish(self, engine, output_dir: str) -> None:

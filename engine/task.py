@@ -38,8 +38,8 @@ class Task:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        # Set by the launcher before training, from the config, the world size and len(train_set): schedules that
-        # the task runs itself (a mask ratio annealed over the run) read their length here.
+        # Set by the launcher before training, from the config, the world size and len(train_set); the loop reads
+        # it, and so do schedules the task runs itself (a mask ratio annealed over the run).
         self.derived: Optional[Derived] = None
 
     # ---- batches ---------------------------------------------------------------------------------------------

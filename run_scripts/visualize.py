@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         raise SystemExit("none of the first videos could be read: " + "; ".join(f.reason for f in batch["failures"]))
     video = model_input(batch["video"], cfg.data)
     mask, decoder_mask = masks(video.shape[0], generator=torch.Generator().manual_seed(flags.seed))
-    out = save_reconstructions(model, video, mask, flags.out, decoder_mask)
+    out = save_reconstructions(model, video, mask, flags.out, decoder_mask,
+                               subtract_clip_mean=cfg.data.subtract_clip_mean)
     print(f"wrote {out}")
     return 0
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import LAUNCH_VARS
 from engine import dist
 from engine.config import BatchConfig, derive
 from engine.optim import OptimConfig
@@ -24,8 +25,6 @@ from engine.ds import DeepSpeedConfig, available_templates, build_ds_config, loa
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-               "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")
 
 
 class FakeAccelerator:
