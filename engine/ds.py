@@ -472,7 +472,8 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
 
 
 def input_dtype(engine) -> torch.dtype:
-    """The dtype the engine's module computes in: inputs must be cast to it (DeepSpeed does not autocast)."""
+    """The dtype the engine's module computes in (DeepSpeed does not autocast). The models cast their input to it
+    themselves; evaluation feeds clips in it to halve their memory."""
     if engine.bfloat16_enabled():
         return torch.bfloat16
     if engine.fp16_enabled():

@@ -229,7 +229,8 @@ class FinetuneTask(Task):
         return mask
 
     def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        video = model_input(batch["video"], self.cfg.data, ds.input_dtype(engine))
+        # float32 (mixup blends in full precision); the model casts the clip to its weights' dtype.
+        video = model_input(batch["video"], self.cfg.data, torch.float32)
         targets = batch["label"]
         if self.mixup is not None:
             if video.shape[0] % 2:

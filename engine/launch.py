@@ -143,6 +143,7 @@ def launch(task_cls: type, argv: Optional[Sequence[str]] = None, *, doc: str = "
     preempt.install(cfg.run.requeue_signal, cfg.run.stop_signal)
     info = init_distributed()
     setup_logging(info.rank)
+    allow_tf32(cfg.run.tf32)
     try:
         if instead_of_training is not None:
             code = instead_of_training(cfg, flags, info)
@@ -171,6 +172,14 @@ def _train(task_cls: type, cfg: Any, info) -> int:
     if info.is_main:
         log.info("outputs in %s: %s", cfg.run.output_dir, task.outputs)
     return 0
+
+
+def allow_tf32(allowed: bool) -> None:
+    """Whether float32 matrix products and convolutions may run on TF32 tensor cores (no effect off CUDA)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
 
 
 def user_error(err: Exception) -> int:

@@ -53,6 +53,9 @@ class RunConfig:
     vis_every_epochs: int = 20
     # compile the model with torch.compile (inductor) through DeepSpeed; first steps are slower
     compile: bool = False
+    # float32 matrix products and convolutions on TF32 tensor cores (CUDA, Ampere or newer): fp32 runs go ~8x
+    # faster at ~1e-3 relative precision; bf16/fp16 runs are unaffected
+    tf32: bool = True
     # number of most recent periodic checkpoints to keep on disk
     keep_last: int = 2
     # on this signal: checkpoint after the current step, requeue the Slurm job, exit (sbatch --signal=USR1@180);

@@ -354,7 +354,7 @@ def _reconstruction_parts(model, video, pred, mask, decoder_mask, max_clips, sub
     video, pred, mask = video[:count], pred[:count], mask[:count]
     decoder_mask = None if decoder_mask is None else decoder_mask[:count]
     with torch.no_grad():
-        pixels = (video.float() * model.pixel_std + model.pixel_mean).cpu()  # the model input in pixel units
+        pixels = model.pixels(video).cpu()  # the model input in pixel units
         reconstructed = model.reconstruct(video, pred, mask, decoder_mask).float().cpu()
         targets = model.targets(video).float().cpu()  # (B, N, P): what the loss compares the prediction with
         hidden = model.pixel_mask(mask, video)[:, 0].cpu()

@@ -59,7 +59,9 @@ class PretrainTask(Task):
         self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
 
     def _inputs(self, engine, video_uint8: torch.Tensor, generator: torch.Generator):
-        video = model_input(video_uint8, self.cfg.data, ds.input_dtype(engine))
+        # float32 whatever the engine's precision: the model casts the clip to its weights' dtype itself, and
+        # computes its targets from these unrounded pixels.
+        video = model_input(video_uint8, self.cfg.data, torch.float32)
         mask, decoder_mask = self.masks(video.shape[0], device=video.device, generator=generator)
         return video, mask, decoder_mask
 

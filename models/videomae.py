@@ -155,8 +155,10 @@ class VideoMAE(nn.Module):
             dec_dim, cfg.decoder.depth, dec_heads, cfg.decoder.mlp_ratio, out_dim, enc.norm_eps,
             use_sdpa=enc.attention == "sdpa", layer_scale_init=cfg.decoder.layer_scale_init,
         )
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1, 1), False)
+        # Plain floats, not buffers: casting the module to bf16 would round them (0.229 -> 0.2295), and the targets
+        # must undo exactly the normalization the clip went through.
+        self.pixel_mean, self.pixel_std = tuple(map(float, pixel_mean)), tuple(map(float, pixel_std))
+        self._pixel_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
         self._init_decoder()
         enable_checkpointing(self.decoder.blocks, self.checkpointing)
@@ -173,10 +175,25 @@ class VideoMAE(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
+    def pixel_stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) as float32 (1, C, 1, 1, 1) tensors on ``device``, made once per device."""
+        if device not in self._pixel_stats:
+            self._pixel_stats[device] = tuple(
+                torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+                for values in (self.pixel_mean, self.pixel_std))
+        return self._pixel_stats[device]
+
+    def pixels(self, video: torch.Tensor) -> torch.Tensor:
+        """The normalized clip (B, C, T, H, W) back in [0, 1] pixels, float32."""
+        mean, std = self.pixel_stats(video.device)
+        return video.float() * std + mean
+
     @torch.no_grad()
     def targets(self, video: torch.Tensor) -> torch.Tensor:
-        """Reconstruction targets (B, N, pred_frames·patch²·C) from the normalized clip, in float32."""
-        raw = video.float() * self.pixel_std + self.pixel_mean
+        """Reconstruction targets (B, N, pred_frames·patch²·C) from the normalized clip, in float32. Give the clip in
+        float32: a bf16 clip has lost a pixel level's worth of precision, which per-patch normalization amplifies
+        on flat patches (2% RMS target error on smooth content)."""
+        raw = self.pixels(video)
         if self.pred_frames == 1:
             # One time slice per token (MAE-ST): the first frame of each tubelet.
             raw = raw[:, :, :: self.tubelet]
@@ -226,7 +243,7 @@ class VideoMAE(nn.Module):
         b, c = video.shape[:2]
         grid = self.encoder.patch_embed.grid(video)
         decoded = mask if decoder_mask is None else ~decoder_mask
-        raw = video.float() * self.pixel_std + self.pixel_mean
+        raw = self.pixels(video)
         patches = patchify(raw, self.tubelet, self.patch)  # (B, N, P, C)
         source = patches if self.pred_frames == self.tubelet else patchify(raw[:, :, :: self.tubelet], 1, self.patch)
         predicted = _denormalize(pred.float(), source[decoded].reshape(b, -1, *source.shape[2:]),

@@ -276,7 +276,11 @@ class VisionTransformer(nn.Module):
             self.head.bias.mul_(head_init_scale)
 
     def embed(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Patch tokens plus positions, visible ones only when ``mask`` (B, N; True = hidden) is given."""
+        """Patch tokens plus positions, visible ones only when ``mask`` (B, N; True = hidden) is given.
+
+        ``video`` may be of a wider dtype than the weights (float32 clips for bf16 weights, so that a pre-training
+        model computes its targets from unrounded pixels): it is cast to the weights' dtype here."""
+        video = video.to(self.patch_embed.proj.weight.dtype)
         grid = self.patch_embed.grid(video)
         pos = self.pos_embed(grid).to(video.dtype)
         if mask is None:

@@ -47,6 +47,7 @@ from models.videomae import DECODER_DIMS  # noqa: E402
 from models.vit import ARCHS, Attention, ViTConfig, VisionTransformer  # noqa: E402
 
 TARGET_ETA = 0.8
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DECODER_ARCHS = ("vit_small", "vit_base")  # whose decoder attention is timed: (192, 3 heads), (384, 6 heads)
 
 
@@ -61,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mask-ratio", type=float, default=0.9, help="tube mask ratio of the sparse encoder")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, clips and masks")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights and inputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return parser.parse_args(argv)
 
@@ -73,13 +76,14 @@ def build_encoder(arch: str, frames: int, size: int) -> VisionTransformer:
     return VisionTransformer(ViTConfig(arch=arch, num_frames=frames, img_size=size), global_pool="none")
 
 
-def draw_clips(count: int, batch: int, cfg: ViTConfig, generator: torch.Generator) -> list[torch.Tensor]:
+def draw_clips(count: int, batch: int, cfg: ViTConfig, generator: torch.Generator, device="cpu",
+               dtype=torch.float32) -> list[torch.Tensor]:
     shape = (batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size)
-    return [torch.randn(shape, generator=generator) for _ in range(count)]
+    return [torch.randn(shape, generator=generator).to(device, dtype) for _ in range(count)]
 
 
-def draw_masks(count: int, batch: int, cfg: ViTConfig, ratio: float, generator: torch.Generator):
-    return [tube_mask(batch, cfg.grid, ratio, "cpu", generator) for _ in range(count)]
+def draw_masks(count: int, batch: int, cfg: ViTConfig, ratio: float, generator: torch.Generator, device="cpu"):
+    return [tube_mask(batch, cfg.grid, ratio, "cpu", generator).to(device) for _ in range(count)]
 
 
 def num_visible(mask: torch.Tensor) -> int:
@@ -93,9 +97,17 @@ def num_visible(mask: torch.Tensor) -> int:
 def fwd_bwd_seconds(module: torch.nn.Module, run: Callable[[object], torch.Tensor], item) -> float:
     """Wall time of one ``run(item).mean().backward()``; gradients are cleared before the clock starts."""
     module.zero_grad(set_to_none=True)
+    _drain()
     start = time.perf_counter()
     run(item).float().mean().backward()
+    _drain()
     return time.perf_counter() - start
+
+
+def _drain() -> None:
+    """Wait for queued GPU work: CUDA kernels run asynchronously to the clock."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def time_interleaved(cases: dict, inputs: list, warmup: int) -> dict[str, list[float]]:
@@ -116,10 +128,11 @@ def summarize(times: list[float]) -> dict:
 
 def bench_encoder(args: argparse.Namespace, generator: torch.Generator) -> dict:
     """Dense vs sparse encoder times, and the FLOP ratio they should follow."""
-    encoder = build_encoder(args.arch, args.frames, args.size)
+    dtype = DTYPES[args.dtype]
+    encoder = build_encoder(args.arch, args.frames, args.size).to(args.device, dtype)
     cfg, runs = encoder.cfg, args.warmup + args.repeats
-    clips = draw_clips(runs, args.batch, cfg, generator)
-    masks = draw_masks(runs, args.batch, cfg, args.mask_ratio, generator)
+    clips = draw_clips(runs, args.batch, cfg, generator, args.device, dtype)
+    masks = draw_masks(runs, args.batch, cfg, args.mask_ratio, generator, args.device)
     visible = num_visible(masks[0])
 
     cases = {
@@ -152,9 +165,10 @@ def bench_encoder(args: argparse.Namespace, generator: torch.Generator) -> dict:
 def bench_attention(dim: int, heads: int, tokens: int, args: argparse.Namespace, generator) -> dict:
     """One attention layer over ``tokens`` tokens: fused SDPA vs explicit softmax, same weights and inputs."""
     runs = args.warmup + args.repeats
-    inputs = [torch.randn(args.batch, tokens, dim, generator=generator) for _ in range(runs)]
-    sdpa = Attention(dim, heads, use_sdpa=True)
-    manual = Attention(dim, heads, use_sdpa=False)
+    dtype = DTYPES[args.dtype]
+    inputs = [torch.randn(args.batch, tokens, dim, generator=generator).to(args.device, dtype) for _ in range(runs)]
+    sdpa = Attention(dim, heads, use_sdpa=True).to(args.device, dtype)
+    manual = Attention(dim, heads, use_sdpa=False).to(args.device, dtype)
     manual.load_state_dict(sdpa.state_dict())
     # A fresh leaf per call, so the input gradient is computed (as inside a network) and never accumulated.
     cases = {name: (layer, lambda x, layer=layer: layer(x.detach().requires_grad_()))
@@ -169,7 +183,8 @@ def bench_attention(dim: int, heads: int, tokens: int, args: argparse.Namespace,
 
 
 def print_header(args: argparse.Namespace) -> None:
-    print(f"torch {torch.__version__}  threads {torch.get_num_threads()}  arch {args.arch}  "
+    print(f"torch {torch.__version__}  {args.device} {args.dtype}  threads {torch.get_num_threads()}  "
+          f"arch {args.arch}  "
           f"input {args.frames}x{args.size}x{args.size}  batch {args.batch}  mask ratio {args.mask_ratio}  "
           f"median of {args.repeats} (after {args.warmup} warm-up), forward + backward")
 

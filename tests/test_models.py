@@ -219,7 +219,7 @@ def test_loss_is_mse_against_targets_of_the_hidden_tokens():
     model = make_pretrain(normalize="none").eval()
     video, mask = torch.randn(2, 3, 8, 32, 32), fixed_count_mask(2, 64, 48)
     loss, pred, _ = model(video, mask)
-    raw = video * model.pixel_std + model.pixel_mean
+    raw = model.pixels(video)
     target = patchify(raw, 2, 8).flatten(2)[mask].reshape(2, 48, -1)
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
 
@@ -229,7 +229,7 @@ def test_one_time_slice_targets_use_the_first_frame_of_each_tubelet():
     video, mask = torch.randn(1, 3, 8, 32, 32), fixed_count_mask(1, 64, 48)
     loss, pred, _ = model(video, mask)
     assert pred.shape == (1, 48, 8 * 8 * 3)
-    raw = video * model.pixel_std + model.pixel_mean
+    raw = model.pixels(video)
     target = patchify(raw[:, :, ::2], 1, 8).flatten(2)[mask].reshape(1, 48, -1)
     torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
 
@@ -332,7 +332,7 @@ def test_reconstruct_inverts_perfect_predictions(target):
     video, mask = torch.rand(2, 3, 8, 32, 32) * 2 - 1, fixed_count_mask(2, 64, 48)
     perfect = model.targets(video)[mask].reshape(2, 48, -1)
     picture = model.reconstruct(video, perfect, mask)
-    raw = (video * model.pixel_std + model.pixel_mean).clamp(0, 1)
+    raw = model.pixels(video).clamp(0, 1)
     if target.get("frames") == "first":
         raw_first = raw[:, :, ::2].repeat_interleave(2, dim=2)
         hidden = unpatchify(mask[..., None].float().expand(-1, -1, 2 * 8 * 8 * 3), (4, 4, 4), 2, 8).bool()

@@ -20,6 +20,12 @@ def _model(frames=4, size=32, normalize="per_channel", target_frames="tubelet"):
                                         DecoderConfig(depth=1), TargetConfig(normalize, target_frames)))
 
 
+def normalized(model, pixels):
+    """What the model is given for clips of ``pixels`` in [0, 1]."""
+    mean, std = model.pixel_stats(pixels.device)
+    return (pixels - mean) / std
+
+
 def _scored_pixels(row, clip=0):
     """The painted values (C, M) of a row where it has values."""
     return row.display[clip][:, ~row.empty[clip]]
@@ -28,7 +34,7 @@ def _scored_pixels(row, clip=0):
 def test_reconstruction_rows_show_what_the_model_sees(tmp_path):
     model = _model()
     pixels = torch.rand(2, 3, 4, 32, 32)
-    video, mask = (pixels - model.pixel_mean) / model.pixel_std, tube_mask(2, (2, 4, 4), 0.5)
+    video, mask = normalized(model, pixels), tube_mask(2, (2, 4, 4), 0.5)
     path = save_reconstructions(model, video, mask, tmp_path / "vis" / "rec.png", prediction_own_scale=False)
     assert Image.open(path).mode == "RGB"
     assert model.training  # the picture does not leave the model in eval mode
@@ -60,7 +66,7 @@ def test_small_signal_is_amplified_on_one_scale_for_target_and_prediction():
     model = _model(normalize="none")
     generator = torch.Generator().manual_seed(0)
     pixels = 0.45 + 0.008 * (2 * torch.rand(2, 3, 4, 32, 32, generator=generator) - 1)
-    video = (pixels - model.pixel_mean) / model.pixel_std
+    video = normalized(model, pixels)
     mask = tube_mask(2, (2, 4, 4), 0.5, generator=generator)
     target = model.targets(video)[mask].reshape(2, -1, 2 * 8 * 8 * 3)
     centre = target.mean()
