@@ -395,7 +395,7 @@ def _align_deepspeed_logger() -> None:
 
 
 # Grad norms the engine does not report itself (ZeRO 0 in fp32), measured by engine_step.
-_fallback_norms: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+_fallback_norms: "weakref.WeakKeyDictionary[Any, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 
 def _reports_grad_norm(engine) -> bool:
@@ -414,9 +414,9 @@ def engine_step(engine, loss: torch.Tensor) -> bool:
     engine.backward(loss)
     if boundary and not _reports_grad_norm(engine):
         grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else None
-        if norm is not None:
-            _fallback_norms[engine] = float(norm)
+        if grads:  # kept as a tensor: read (a host sync) only when a logging step asks for it
+            norms = torch.stack([torch.linalg.vector_norm(g) for g in grads])
+            _fallback_norms[engine] = torch.linalg.vector_norm(norms)
     engine.step()
     return boundary
 
@@ -439,7 +439,8 @@ def global_grad_norm(engine) -> Optional[float]:
     ``engine_step`` computes it from the reduced gradients just before the step.
     """
     if not _reports_grad_norm(engine):
-        return _fallback_norms.get(engine)
+        norm = _fallback_norms.get(engine)
+        return None if norm is None else float(norm)
     norm = engine.get_global_grad_norm()
     if norm is None:
         return None

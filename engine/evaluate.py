@@ -168,7 +168,7 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
     sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
-                        num_workers=num_workers,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
     acc = ScoreAccumulator(len(dataset.records), num_classes)
     rounds = _max_over_ranks(len(loader)) if collective_forward else len(loader)

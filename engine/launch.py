@@ -143,7 +143,7 @@ def launch(task_cls: type, argv: Optional[Sequence[str]] = None, *, doc: str = "
     preempt.install(cfg.run.requeue_signal, cfg.run.stop_signal)
     info = init_distributed()
     setup_logging(info.rank)
-    allow_tf32(cfg.run.tf32)
+    configure_cuda_math(cfg.run.tf32)
     try:
         if instead_of_training is not None:
             code = instead_of_training(cfg, flags, info)
@@ -174,12 +174,15 @@ def _train(task_cls: type, cfg: Any, info) -> int:
     return 0
 
 
-def allow_tf32(allowed: bool) -> None:
-    """Whether float32 matrix products and convolutions may run on TF32 tensor cores (no effect off CUDA)."""
+def configure_cuda_math(tf32: bool) -> None:
+    """Whether float32 matrix products and convolutions may run on TF32 tensor cores (no effect off CUDA). cuDNN
+    also times its convolution algorithms once per input shape (the patch embedding's shapes never change in a
+    run) instead of guessing."""
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
 
 
 def user_error(err: Exception) -> int:

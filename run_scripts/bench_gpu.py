@@ -308,6 +308,24 @@ def profile_step(step: Callable[[], None], path: Path) -> dict:
     return {kind: round(value / total, 4) for kind, value in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
+def host_syncs(step: Callable[[], None]) -> Optional[dict]:
+    """Where one step makes the host wait for the GPU (CUDA's sync debug mode warns at each): count and places."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+    from collections import Counter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"count": sum(places.values()), "places": dict(places.most_common(10))}
+
+
 def bench_t3(sizes: Sizes, out: Path) -> dict:
     from engine import dist
 
@@ -327,6 +345,7 @@ def bench_t3(sizes: Sizes, out: Path) -> dict:
                "tflops_per_s": flops * clips_per_s / 1e12, "mfu": flops * clips_per_s / REFERENCE_PEAK,
                "mfu_of_measured_peak": flops * clips_per_s / measured_peak, "peak_mem_gib": peak_allocated() / 2**30,
                "target": TARGETS[f"t3_mfu_{kind}"]}
+        run["host_syncs_per_step"] = host_syncs(step)
         if kind == "pretrain" and arch == sizes.t3[0][1]:
             run["time_by_kernel_kind"] = profile_step(step, out / "profile.txt")
         runs.append(run)
@@ -542,9 +561,13 @@ def summary(report: dict) -> str:
         line(f"T2 pre-training step vs transformers ({t2['arch']}, b{t2['batch']})", _fmt(t2["speedup"]) + "x",
              ">= 1.6x", f"ours {t2['ours_step_s'] * 1e3:.0f} ms, transformers {t2['transformers_step_s'] * 1e3:.0f} ms")
     for run in t3.get("runs", []):
+        syncs = run.get("host_syncs_per_step")
         line(f"T3 MFU {run['kind']} {run['arch']} b{run['batch']}", _fmt(100 * run["mfu"], ".1f") + "%",
              f">= {100 * run['target']:.0f}%", f"{run['clips_per_s']:.1f} clips/s, {run['tflops_per_s']:.0f} TFLOP/s, "
-             f"peak {run['peak_mem_gib']:.1f} GiB")
+             f"peak {run['peak_mem_gib']:.1f} GiB" + (f", {syncs['count']} host syncs/step" if syncs else ""))
+        if run.get("time_by_kernel_kind"):
+            lines.append("    kernel time: " + ", ".join(f"{kind} {100 * share:.0f}%"
+                                                     for kind, share in run["time_by_kernel_kind"].items()))
     if "measured_matmul_tflops" in t3:
         lines.append(f"  (bf16 matmul measured now: {t3['measured_matmul_tflops']:.0f} TFLOP/s; MFU above is of "
                      f"{t3['reference_peak_tflops']:.0f})")
