@@ -92,19 +92,22 @@ class PatchEmbed3D(nn.Module):
         return (t // kt, h // kh, w // kw)
 
     def forward(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """video (B, C, T, H, W) → tokens (B, N, D), or only the visible ones (B, N_visible, D) under ``mask``."""
+        """video (B, C, T, H, W) → tokens (B, N, D), or only the visible ones (B, N_visible, D) under ``mask``.
+
+        The convolution is computed as a matrix product over tubelets flattened as (C, t, p, p), the layout of its
+        weight: it can then embed only the visible tubelets (at 90% masking, embedding them all would cost as much
+        as a fifth of the sparse encoder). Every tubelet goes the same way, so dense and sparse inputs share one
+        code path; alone, the product is also faster than the strided Conv3d (forward + weight gradient, ViT-B
+        16×224², batch 2, 2-core CPU: 92 vs 144 ms in fp32, 248 vs 316 ms in bf16), which in a whole dense ViT-S
+        step is within the noise there."""
         gt, gh, gw = self.grid(video)
-        if mask is None:
-            return self.proj(video).flatten(2).transpose(1, 2)
-        # Embed only the visible tubelets: at 90% masking the convolution over every tubelet would cost as
-        # much as a fifth of the sparse encoder. The conv becomes a matmul over tubelets flattened as
-        # (C, t, p, p), the layout of its weight.
         b, c = video.shape[:2]
         kt, kh, kw = self.kernel
         tubelets = video.reshape(b, c, gt, kt, gh, kh, gw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)
         tubelets = tubelets.reshape(b, gt * gh * gw, -1)
-        visible = tubelets[~mask].reshape(b, -1, tubelets.shape[-1])
-        return F.linear(visible, self.proj.weight.flatten(1), self.proj.bias)
+        if mask is not None:
+            tubelets = tubelets[~mask].reshape(b, -1, tubelets.shape[-1])
+        return F.linear(tubelets, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Attention(nn.Module):

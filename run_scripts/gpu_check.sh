@@ -2,7 +2,7 @@
 # One prepared check of a GPU machine, about 8 minutes on one H200: the CUDA tests (pytest -m gpu) and the GPU
 # benchmarks (run_scripts/bench_gpu.py), everything written to --out.
 #
-#   bash run_scripts/gpu_check.sh --out DIR [--smoke] [--tests-s 200] [--bench-s 300]
+#   bash run_scripts/gpu_check.sh --out DIR [--smoke] [--tests-s 210] [--bench-s 270]
 #
 # On a GPU image without deepspeed, decord, av, tensorboardX, fairscale or omegaconf and without network, the wheels
 # in .whl/ (made on a machine with network by `bash run_scripts/gpu_wheels.sh`, then copied along with the
@@ -15,7 +15,7 @@
 set -uo pipefail  # not -e: a failing part is reported and the remaining parts still run
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-out="" smoke=0 tests_s=200 bench_s=300
+out="" smoke=0 tests_s=210 bench_s=270
 usage="usage: bash run_scripts/gpu_check.sh --out DIR [--smoke] [--tests-s SECONDS] [--bench-s SECONDS]"
 while [ $# -gt 0 ]; do
   case "$1" in
