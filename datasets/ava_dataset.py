@@ -1,0 +1,256 @@
+"""AVA keyframes as training and test items: a clip centred on each keyframe, its person boxes moved with the pixels,
+and multi-hot action targets.
+
+Time base: AVA's frames are extracted at ``fps`` from the 15-minute cut that starts at second ``first_second`` (900)
+of the movie, numbered from 1, so the keyframe of second ``s`` is frame ``(s - first_second) * fps + 1`` — the file
+``<frames>/<video_id>/<video_id>_%06d.jpg`` of that number. A clip takes ``clip_len`` frames at stride
+``sampling_rate`` around it (``center + (i - clip_len // 2) * sampling_rate``, 16×4 spans center − 32 … center + 28
+as in SlowFast and VideoMAE), clamped to the frames the video has.
+
+Boxes come in normalized x1, y1, x2, y2 and leave as pixels of the clip the model sees. Training: the short side is
+resized to ``train_short_side``, a random ``crop`` × ``crop`` square is cut and flipped with probability 0.5; a box
+is clipped to the crop and dropped when less than ``min_box_side`` pixels of it remain in either direction (it left
+the crop). Testing: the whole frame, short side ``test_short_side``, nothing cropped, so the clip is not square.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datasets.annotations import VideoRecord
+from datasets.ava_files import BoxTable
+from datasets.decode import VideoReadError, open_video
+from datasets.transforms import resize_short_side
+from datasets.video_dataset import Failure
+
+__all__ = ["AVAClipConfig", "Keyframe", "group_keyframes", "clip_frame_numbers", "keyframe_number", "crop_boxes",
+           "flip_boxes", "train_view", "full_frame_view", "AVAKeyframes", "collate_keyframes", "num_boxes"]
+
+
+@dataclass
+class AVAClipConfig:
+    """Where the frames are and how a keyframe becomes a clip."""
+
+    frames_dir: str = "frames"  # folder of per-video frame folders: <frames_dir>/<video_id>/<video_id>_%06d.jpg
+    frame_template: str = "{video_id}_{number:06d}.jpg"  # file name of frame `number` (1-based) of a video
+    fps: int = 30  # frames per second of the extracted frames (AVA: 30)
+    first_second: int = 900  # movie second that frame 1 shows (AVA's 15-minute cut starts at 900)
+    clip_len: int = 16  # frames per clip
+    sampling_rate: int = 4  # stride between the clip's frames
+    train_short_side: int = 256  # training: short side before the random crop
+    crop: int = 224  # training: side of the random square crop
+    flip: bool = True  # training: horizontal flip with probability 0.5
+    test_short_side: int = 256  # testing: short side of the whole frame (no crop)
+    min_box_side: float = 1.0  # training: a box with less than this many pixels left inside the crop is dropped
+    num_classes: int = 80  # target columns: action id a -> column a - 1
+
+    def __post_init__(self) -> None:
+        if self.clip_len < 1 or self.sampling_rate < 1 or self.fps < 1:
+            raise ValueError("clip_len, sampling_rate and fps must be >= 1")
+        if self.crop > self.train_short_side:
+            raise ValueError(f"crop {self.crop} does not fit a short side of {self.train_short_side}")
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    """One keyframe to score: its boxes (normalized) and, for training, their multi-hot actions."""
+
+    video_id: str
+    timestamp: int
+    boxes: np.ndarray  # float32 (K, 4), x1, y1, x2, y2 in [0, 1]
+    labels: np.ndarray  # float32 (K, num_classes); all zero for test boxes, whose actions are what is predicted
+    scores: np.ndarray  # float32 (K,): the detector's score for test boxes, 1 for ground truth
+
+    @property
+    def key(self) -> str:
+        return f"{self.video_id},{self.timestamp:04d}"
+
+
+def group_keyframes(table: BoxTable, num_classes: int, excluded: frozenset[str] | set[str] = frozenset()
+                    ) -> list[Keyframe]:
+    """Rows of a box table as keyframes, in (video, timestamp) order. Rows with the same box (same coordinates, the
+    repeated rows of one person with several actions) become one box whose target has each action set; rows with
+    no action (detections) give boxes with all-zero targets. Excluded keyframes are left out."""
+    keys = table.keys()
+    keep = ~np.isin(keys, list(excluded)) if excluded else np.ones(len(table), dtype=bool)
+    order = np.lexsort((table.timestamp, table.video_id.astype(str)))
+    frames: dict[str, dict[tuple, list]] = {}
+    meta: dict[str, tuple[str, int]] = {}
+    for row in order[keep[order]]:
+        key = keys[row]
+        meta.setdefault(key, (str(table.video_id[row]), int(table.timestamp[row])))
+        box = tuple(table.boxes[row].tolist())
+        entry = frames.setdefault(key, {}).setdefault(box, [np.zeros(num_classes, np.float32), 1.0])
+        action = int(table.action[row])
+        if action > 0:
+            if action > num_classes:
+                raise ValueError(f"{table.source}: action id {action} is beyond num_classes={num_classes}")
+            entry[0][action - 1] = 1.0
+        score = float(table.score[row])
+        if not math.isnan(score):
+            entry[1] = score
+    keyframes = []
+    for key, boxes in frames.items():
+        video_id, timestamp = meta[key]
+        coords = np.array(list(boxes), dtype=np.float32).reshape(-1, 4)
+        labels = np.stack([entry[0] for entry in boxes.values()])
+        scores = np.array([entry[1] for entry in boxes.values()], dtype=np.float32)
+        keyframes.append(Keyframe(video_id, timestamp, coords, labels, scores))
+    return keyframes
+
+
+def clip_frame_numbers(keyframe_number: int, clip_len: int, sampling_rate: int, num_frames: int) -> list[int]:
+    """1-based frame numbers of the clip centred on ``keyframe_number``, clamped to 1 … ``num_frames``."""
+    offsets = (np.arange(clip_len) - clip_len // 2) * sampling_rate
+    return np.clip(keyframe_number + offsets, 1, num_frames).tolist()
+
+
+def keyframe_number(timestamp: int, cfg: AVAClipConfig) -> int:
+    return (timestamp - cfg.first_second) * cfg.fps + 1
+
+
+# ---- boxes that follow the pixels -----------------------------------------------------------------------------
+
+
+def boxes_to_pixels(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    return boxes * np.array([width, height, width, height], dtype=np.float32)
+
+
+def crop_boxes(boxes: np.ndarray, top: int, left: int, size: int, min_side: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel boxes moved into a ``size`` square cut at (top, left) and clipped to it; returns (boxes, kept rows)."""
+    moved = boxes - np.array([left, top, left, top], dtype=np.float32)
+    moved = np.clip(moved, 0, size)
+    kept = ((moved[:, 2] - moved[:, 0]) >= min_side) & ((moved[:, 3] - moved[:, 1]) >= min_side)
+    return moved[kept], kept
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    flipped = boxes.copy()
+    flipped[:, 0], flipped[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    return flipped
+
+
+def train_view(clip: torch.Tensor, boxes: np.ndarray, cfg: AVAClipConfig, rng: random.Random):
+    """(T, C, H, W) uint8 clip and normalized boxes → the cropped, maybe flipped clip, its pixel boxes, kept rows."""
+    clip = resize_short_side(clip, cfg.train_short_side)
+    height, width = clip.shape[-2:]
+    top, left = rng.randint(0, height - cfg.crop), rng.randint(0, width - cfg.crop)
+    clip = clip[:, :, top:top + cfg.crop, left:left + cfg.crop]
+    pixels, kept = crop_boxes(boxes_to_pixels(boxes, height, width), top, left, cfg.crop, cfg.min_box_side)
+    if cfg.flip and rng.random() < 0.5:
+        clip, pixels = clip.flip(-1), flip_boxes(pixels, cfg.crop)
+    return clip, pixels, kept
+
+
+def full_frame_view(clip: torch.Tensor, boxes: np.ndarray, cfg: AVAClipConfig):
+    clip = resize_short_side(clip, cfg.test_short_side)
+    return clip, boxes_to_pixels(boxes, *clip.shape[-2:])
+
+
+# ---- the dataset ----------------------------------------------------------------------------------------------
+
+
+class AVAKeyframes(Dataset):
+    """Items ``{"video": uint8 (C, T, H, W), "boxes": float32 (K, 4) pixels, "labels": float32 (K, classes),
+    "scores": (K,), "index": keyframe index}``, or a ``Failure`` naming the keyframe when its frames cannot be read
+    (the evaluator lists it as unscored; training skips it like an unreadable video). ``train=True`` draws the
+    random crop and flip from (seed, epoch, index), so a resumed run sees the same views."""
+
+    def __init__(self, root: str | os.PathLike, keyframes: list[Keyframe], cfg: AVAClipConfig, *, train: bool,
+                 seed: int = 0):
+        self.root, self.keyframes, self.cfg, self.train, self.seed = str(root), keyframes, cfg, train, seed
+        self.epoch = 0
+        self._frame_counts: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.keyframes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def frame_folder(self, video_id: str) -> str:
+        return os.path.join(self.root, self.cfg.frames_dir, video_id)
+
+    def _num_frames(self, video_id: str) -> int:
+        """Frames of a video: the run of consecutive numbered files from 1 (counted once per worker)."""
+        if video_id not in self._frame_counts:
+            folder = self.frame_folder(video_id)
+            names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            count = 0
+            while self.cfg.frame_template.format(video_id=video_id, number=count + 1) in names:
+                count += 1
+            self._frame_counts[video_id] = count
+        return self._frame_counts[video_id]
+
+    def read_clip(self, keyframe: Keyframe) -> torch.Tensor:
+        """uint8 (T, C, H, W) frames around the keyframe."""
+        folder, cfg = self.frame_folder(keyframe.video_id), self.cfg
+        count = self._num_frames(keyframe.video_id)
+        if count == 0:
+            raise VideoReadError(folder, "has no frames named like "
+                                 + cfg.frame_template.format(video_id=keyframe.video_id, number=1))
+        center = keyframe_number(keyframe.timestamp, cfg)
+        if not 1 <= center <= count:
+            raise VideoReadError(folder, f"keyframe {keyframe.key} is frame {center}, but the folder holds frames "
+                                         f"1-{count} (fps {cfg.fps}, first second {cfg.first_second})")
+        numbers = clip_frame_numbers(center, cfg.clip_len, cfg.sampling_rate, count)
+        source = open_video(VideoRecord(folder, num_frames=count), "frames",
+                            frame_template=_numbered(cfg.frame_template, keyframe.video_id), first_frame_index=1)
+        with source:
+            frames = source.get_frames([n - 1 for n in numbers])
+        return torch.from_numpy(frames).permute(0, 3, 1, 2)
+
+    def __getitem__(self, index: int):
+        keyframe = self.keyframes[index]
+        try:
+            clip = self.read_clip(keyframe)
+        except (VideoReadError, OSError, ValueError) as error:
+            return Failure(index, f"{self.frame_folder(keyframe.video_id)} ({keyframe.key})", str(error))
+        if self.train:
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+            clip, boxes, kept = train_view(clip, keyframe.boxes, self.cfg, rng)
+            labels, scores = keyframe.labels[kept], keyframe.scores[kept]
+        else:
+            clip, boxes = full_frame_view(clip, keyframe.boxes, self.cfg)
+            labels, scores = keyframe.labels, keyframe.scores
+        return {"video": clip.permute(1, 0, 2, 3).contiguous(), "boxes": torch.from_numpy(boxes),
+                "labels": torch.from_numpy(labels), "scores": torch.from_numpy(scores), "index": index}
+
+
+def _numbered(template: str, video_id: str) -> str:
+    """The frame template with the video id filled in and the number left as the one positional field that
+    ``datasets.decode``'s frame folders format ("{video_id}_{number:06d}.jpg" → "abc_{:06d}.jpg")."""
+    return template.replace("{video_id}", video_id).replace("{number", "{")
+
+
+def collate_keyframes(items: list) -> dict:
+    """Stack items into a batch: video uint8 (B, C, T, H, W) (the items must share a frame size: training crops do,
+    test clips of one video do); ``rois`` float32 (K, 5) = [item index in the batch, x1, y1, x2, y2] pixels, the
+    layout ``torchvision.ops.roi_align`` takes; labels (K, classes); scores (K,); ``keyframe`` (K,) the dataset
+    index of each box's keyframe; ``failures``."""
+    good = [item for item in items if not isinstance(item, Failure)]
+    failures = [item for item in items if isinstance(item, Failure)]
+    if not good:
+        return {"video": None, "rois": None, "labels": None, "scores": None, "keyframe": None, "failures": failures}
+    counts = [item["boxes"].shape[0] for item in good]
+    batch_index = torch.repeat_interleave(torch.arange(len(good), dtype=torch.float32), torch.tensor(counts))
+    boxes = torch.cat([item["boxes"] for item in good]).float().reshape(-1, 4)
+    return {
+        "video": torch.stack([item["video"] for item in good]),
+        "rois": torch.cat([batch_index[:, None], boxes], dim=1),
+        "labels": torch.cat([item["labels"] for item in good]),
+        "scores": torch.cat([item["scores"] for item in good]),
+        "keyframe": torch.repeat_interleave(torch.tensor([item["index"] for item in good]), torch.tensor(counts)),
+        "failures": failures,
+    }
+
+
+def num_boxes(batch: dict) -> int:
+    return 0 if batch["rois"] is None else int(batch["rois"].shape[0])
