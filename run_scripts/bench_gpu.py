@@ -34,7 +34,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys

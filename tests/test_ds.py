@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from conftest import LAUNCH_VARS
-from engine import dist
 from engine.config import BatchConfig, derive
 from engine.optim import OptimConfig
 from engine.ds import DeepSpeedConfig, available_templates, build_ds_config, load_template

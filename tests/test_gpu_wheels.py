@@ -61,7 +61,7 @@ def fake_wheel(folder, name, version, requires=(), tag="py3-none-any", requires_
     """A wheel holding only its metadata: all the check reads."""
     dist = f"{name.replace('-', '_')}-{version}"
     path = folder / f"{dist}-{tag}.whl"
-    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     meta += [f"Requires-Python: {requires_python}"] if requires_python else []
     meta += [f"Requires-Dist: {req}" for req in requires]
     with zipfile.ZipFile(path, "w") as archive:

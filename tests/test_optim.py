@@ -9,7 +9,7 @@ import torch
 from timm.optim import Lars
 from torch import nn
 
-from engine import checkpoint, dist
+from engine import checkpoint
 from engine.config import BatchConfig, ConfigError, derive, load_config
 from engine.ds import DeepSpeedConfig, build_ds_config, cpu_adam_like
 from engine.optim import OptimConfig
