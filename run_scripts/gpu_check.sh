@@ -31,7 +31,7 @@ done
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 exec > >(tee "$out/gpu_check.log") 2>&1
 started=$SECONDS
-cd "$root"
+cd "$root" || exit 1
 
 # The project's environment where there is one (a developer's checkout), else the image's python.
 python=${PYTHON:-}
@@ -84,7 +84,9 @@ timeout --signal=INT --kill-after=20 "$tests_s" "$python" -m pytest tests/test_g
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "[gpu_check] benchmarks (up to ${bench_s} s)"
-"$python" run_scripts/bench_gpu.py --out "$out" --budget-s "$bench_s" $([ "$smoke" = 1 ] && echo --smoke) || status=1
+smoke_flag=()
+[ "$smoke" = 1 ] && smoke_flag=(--smoke)
+"$python" run_scripts/bench_gpu.py --out "$out" --budget-s "$bench_s" "${smoke_flag[@]}" || status=1
 
 echo "[gpu_check] done in $((SECONDS - started)) s, status $status; results in $out"
 exit $status
