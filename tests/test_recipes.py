@@ -2,6 +2,7 @@
 root config, and follows the conventions its name promises (architecture, dataset, test protocol)."""
 
 import dataclasses
+import importlib
 import pathlib
 import re
 
@@ -14,7 +15,11 @@ from engine.pretrain import PretrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "run_scripts" / "configs"
-ROOT_CONFIG_OF_FOLDER = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
+# configs/<entry>/ holds the recipes of run_scripts/<entry>.py: their root config is that entry point's task's.
+ROOT_CONFIG_OF_FOLDER = {
+    folder.name: importlib.import_module(f"run_scripts.{folder.name}").TASK.config_class
+    for folder in sorted(CONFIGS.iterdir()) if (ROOT / "run_scripts" / f"{folder.name}.py").is_file()
+}
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
 
 # Paper recipes are named <method>_<size>_<dataset>.yaml; others (tiny_cpu) are free-form and skip the name checks.
