@@ -174,6 +174,27 @@ def _train(task_cls: type, cfg: Any, info) -> int:
     return 0
 
 
+def add_eval_only_flags(parser: argparse.ArgumentParser, does: str, weights_kind: str) -> None:
+    """``--eval-only`` and ``--weights``: the flags of an entry point that can score saved weights instead of
+    training. ``does``: what it runs and writes, for the help."""
+    parser.add_argument("--eval-only", action="store_true", help=f"{does} instead of training")
+    parser.add_argument("--weights", metavar="PATH",
+                        help=f"{weights_kind} weights for --eval-only (default: the run's weights.pt)")
+
+
+def eval_only_weights(cfg: Any, flags: argparse.Namespace) -> Optional[Path]:
+    """The weights ``--eval-only`` scores, or None to train. ``--weights`` without ``--eval-only`` and weights that
+    are not there are the user's mistakes (exit 2)."""
+    if not flags.eval_only:
+        if flags.weights:
+            raise ConfigError("--weights is for --eval-only; to start training from weights, set model.init=PATH")
+        return None
+    weights = Path(flags.weights or Path(cfg.run.output_dir) / "weights.pt")
+    if not weights.is_file():
+        raise ConfigError(f"--eval-only: no weights at {weights}")
+    return weights
+
+
 def configure_cuda_math(tf32: bool) -> None:
     """Whether float32 matrix products and convolutions may run on TF32 tensor cores (no effect off CUDA). cuDNN
     also times its convolution algorithms once per input shape (the patch embedding's shapes never change in a

@@ -19,30 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
-from engine.config import ConfigError  # noqa: E402
 from engine.detection import DetectionTask, describe, evaluate_weights, write_outputs  # noqa: E402
-from engine.launch import launch  # noqa: E402
+from engine.launch import add_eval_only_flags, eval_only_weights, launch  # noqa: E402
 
 log = logging.getLogger("detect")
 TASK = DetectionTask
 
 
 def add_flags(parser) -> None:
-    parser.add_argument("--eval-only", action="store_true",
-                        help="score the validation keyframes with --weights instead of training; writes "
-                             "eval_<name>.json and eval_<name>_detections.csv next to the weights")
-    parser.add_argument("--weights", metavar="PATH",
-                        help="detector weights for --eval-only (default: the run's weights.pt)")
+    add_eval_only_flags(parser, "score the validation keyframes with --weights; writes eval_<name>.json and "
+                                "eval_<name>_detections.csv next to the weights", "detector")
 
 
 def eval_only(cfg, flags, info) -> int | None:
-    if not flags.eval_only:
-        if flags.weights:
-            raise ConfigError("--weights is for --eval-only; to start training from weights, set model.init=PATH")
+    weights = eval_only_weights(cfg, flags)
+    if weights is None:
         return None
-    weights = Path(flags.weights or Path(cfg.run.output_dir) / "weights.pt")
-    if not weights.is_file():
-        raise ConfigError(f"--eval-only: no weights at {weights}")
     result, ap, label_map = evaluate_weights(cfg, str(weights), info.device)
     if info.is_main:
         log.info("%s", describe(f"test of {weights}", result, ap, label_map))

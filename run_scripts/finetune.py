@@ -18,28 +18,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
-from engine.config import ConfigError  # noqa: E402
-from engine.finetune import EXPORTS, FinetuneTask, describe_scores, evaluate_weights, write_json  # noqa: E402
-from engine.launch import launch  # noqa: E402
+from engine.finetune import FinetuneTask, describe_scores, evaluate_weights, write_json  # noqa: E402
+from engine.launch import add_eval_only_flags, eval_only_weights, launch  # noqa: E402
 
 log = logging.getLogger("finetune")
 TASK = FinetuneTask
 
 
 def add_flags(parser) -> None:
-    parser.add_argument("--eval-only", action="store_true",
-                        help="run the multi-view test of --weights instead of training; writes eval_<name>.json "
-                             "next to the weights")
-    parser.add_argument("--weights", metavar="PATH",
-                        help="fine-tuned weights for --eval-only (default: the run's weights.pt)")
+    add_eval_only_flags(parser, "run the multi-view test of --weights; writes eval_<name>.json next to the weights",
+                        "fine-tuned")
 
 
 def eval_only(cfg, flags, info) -> int | None:
-    if not flags.eval_only:
-        if flags.weights:
-            raise ConfigError("--weights is for --eval-only; to start training from weights, set model.init=PATH")
+    weights = eval_only_weights(cfg, flags)
+    if weights is None:
         return None
-    weights = Path(flags.weights or Path(cfg.run.output_dir) / EXPORTS["model"][0])
     summary = evaluate_weights(cfg, str(weights), info.device)
     if info.is_main:
         views = f"{cfg.data.test_temporal_views}x{cfg.data.eval_augment.num_spatial_views} views"
