@@ -217,7 +217,8 @@ def normalize(video: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32
 
 
 def model_input(video: torch.Tensor, cfg: DataConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """What the model sees of uint8 clips (B, C, T, H, W): ``normalize`` with the settings of ``cfg``."""
+    """What the model sees of uint8 clips (B, C, T, H, W): ``normalize`` with the settings of ``cfg`` (any config
+    with ``mean``, ``std`` and ``subtract_clip_mean``: the AVA data config has them too)."""
     return normalize(video, cfg.mean, cfg.std, dtype, cfg.subtract_clip_mean)
 
 

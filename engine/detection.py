@@ -28,9 +28,10 @@ from datasets.ava_files import (DEFAULT_MIN_SCORE, filter_detections, keep_label
                                 read_excluded_timestamps, read_label_map)
 from datasets.files import write_text_atomic
 from datasets.synthetic_ava import SyntheticAVASpec, ensure_synthetic_ava
-from datasets.video_dataset import IMAGENET_MEAN, IMAGENET_STD, Failure, normalize
+from datasets.video_dataset import IMAGENET_MEAN, IMAGENET_STD, Failure, model_input
 from engine import checkpoint, ds, preempt
 from engine.ava_eval import dense_to_rows, format_ap_table, frame_average_precision, write_detections_csv
+from engine.evaluate import group_active, max_over_ranks
 from engine.config import BatchConfig, ConfigError
 from engine.dist import barrier, is_main_process
 from engine.loop import RunConfig
@@ -169,29 +170,12 @@ def detected_keyframes(data: AVADataConfig) -> list[Keyframe]:
     return group_keyframes(table, data.num_classes, read_excluded_timestamps(data.path("val_excluded")))
 
 
-def model_input(video: torch.Tensor, data: AVADataConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return normalize(video, data.mean, data.std, dtype, data.subtract_clip_mean)
-
-
 # ---- evaluation ------------------------------------------------------------------------------------------------
-
-
-def _group_active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _max_over_ranks(value: int) -> int:
-    if not _group_active():
-        return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 def _all_gather(value: Any) -> list:
     """Every rank's ``value``, in rank order (a collective when a group is active)."""
-    if not _group_active():
+    if not group_active():
         return [value]
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, value)
@@ -235,12 +219,12 @@ def score_keyframes(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     ``forward(video, rois)`` → (K, num_classes) logits, in eval mode. ``collective_forward`` (ZeRO-3, whose
     forward gathers parameters from every rank): a rank with fewer batches, or with a batch that could not be
     read, runs a forward on a blank clip without boxes, so every rank calls it the same number of times."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
     batches = rank_batches(dataset.keyframes, micro_batch, world, rank)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_keyframes, num_workers=num_workers,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
-    rounds = _max_over_ranks(len(batches)) if collective_forward else len(batches)
+    rounds = max_over_ranks(len(batches)) if collective_forward else len(batches)
     columns = torch.tensor([i - 1 for i in class_ids])
     scored: list[tuple[int, np.ndarray]] = []  # (keyframe index, (K_i, classes) scores)
     failures: list[Failure] = []
@@ -333,7 +317,7 @@ def build_initial_detector(cfg: DetectionModelConfig) -> ActionDetector:
 def load_trained_detector(cfg: DetectionModelConfig, path: str) -> ActionDetector:
     """A detector holding the weights a detection run exported (weights.pt, best.pt): all of them, head included."""
     model = ActionDetector(cfg)
-    weights = torch.load(path, map_location="cpu", weights_only=True)
+    weights = checkpoint.load_weights(path)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -373,9 +357,6 @@ class DetectionTask(Task):
 
     def collate(self, items: list) -> dict:
         return collate_keyframes(items)
-
-    def clips_in(self, batch: dict) -> int:
-        return 0 if batch["video"] is None else batch["video"].shape[0]
 
     def blank_batch(self, size: int) -> dict:
         """Zero clips of the training shape without boxes: the detector returns (0, C) logits and the loss a zero

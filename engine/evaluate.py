@@ -58,7 +58,7 @@ class ScoreAccumulator:
             self.failures.append((int(index), str(path), str(reason)))
 
 
-def _group_active() -> bool:
+def group_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -77,7 +77,7 @@ def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
     out = ScoreAccumulator(acc.num_videos, acc.num_classes)
     out.scores, out.counts = acc.scores.clone(), acc.counts.clone()
     failures = list(acc.failures)
-    if _group_active():
+    if group_active():
         device = _collective_device()
         for tensor in (out.scores, out.counts):
             buffer = tensor.to(device)
@@ -144,8 +144,8 @@ def summarize(acc: ScoreAccumulator, labels: Sequence[int], paths: Sequence[str]
     }
 
 
-def _max_over_ranks(value: int) -> int:
-    if not _group_active():
+def max_over_ranks(value: int) -> int:
+    if not group_active():
         return value
     tensor = torch.tensor([value], device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
@@ -165,13 +165,13 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     forward gathers parameters from every rank): ranks with fewer batches, or with a batch whose videos all
     failed, run a forward on the dataset's blank item so that every rank calls it the same number of times.
     """
-    world, rank = (dist.get_world_size(), dist.get_rank()) if _group_active() else (1, 0)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
     sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
     acc = ScoreAccumulator(len(dataset.records), num_classes)
-    rounds = _max_over_ranks(len(loader)) if collective_forward else len(loader)
+    rounds = max_over_ranks(len(loader)) if collective_forward else len(loader)
     blank = model_input(collate_clips([dataset.blank_item()])["video"].to(device), dataset.cfg, dtype)
     batches = preempt.iterate(loader)  # validation runs during training: its workers must survive the signals
     for _ in range(rounds):

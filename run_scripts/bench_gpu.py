@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -149,9 +148,16 @@ def classifier(arch: str, frames: int, size: int, checkpointing: str = "none"):
 
 
 def tube_masks(grid, batch: int, generator: torch.Generator) -> torch.Tensor:
-    from models.masking import MaskConfig, build_mask_generator
+    from models.masking import build_mask_generator
 
-    return build_mask_generator(MaskConfig(kind="tube", ratio=0.9), grid)(batch, device(), generator)[0]
+    return build_mask_generator(tube_90(), grid)(batch, device(), generator)[0]
+
+
+def tube_90():
+    """VideoMAE's mask of the benchmarks: 90% tube."""
+    from models.masking import MaskConfig
+
+    return MaskConfig(kind="tube", ratio=0.9)
 
 
 def random_clips(batch: int, frames: int, size: int) -> torch.Tensor:
@@ -196,8 +202,10 @@ def engine_step_fn(engine, kind: str, batch: int, frames: int, size: int) -> Cal
 def train_flops_per_clip(model, kind: str) -> float:
     """Model FLOPs of forward + backward of one clip (3x the forward; recomputation is not counted)."""
     if kind == "pretrain":
+        from models.masking import num_visible
+
         grid = model.cfg.encoder.grid
-        return 3 * model.forward_flops(grid, math.prod(grid) - int(math.prod(grid) * 0.9))
+        return 3 * model.forward_flops(grid, num_visible(tube_90(), grid))
     return 3 * model.forward_flops(model.cfg.grid)
 
 
