@@ -69,7 +69,7 @@ def test_the_table_shows_the_gpu_only_figures_against_their_targets():
 
 def test_full_sizes_need_a_gpu(tmp_path, capsys):
     if bench_gpu.torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+        pytest.skip("the refusal of full sizes without CUDA cannot show on a machine that has a GPU")
     with pytest.raises(SystemExit) as exit_info:
         bench_gpu.main(["--out", str(tmp_path)])
     assert exit_info.value.code == 2
