@@ -7,10 +7,19 @@ of the movie, numbered from 1, so the keyframe of second ``s`` is frame ``(s - f
 ``sampling_rate`` around it (``center + (i - clip_len // 2) * sampling_rate``, 16×4 spans center − 32 … center + 28
 as in SlowFast and VideoMAE), clamped to the frames the video has.
 
+Or straight from the video files (``source="video"``, ``<videos_dir>/<video_id>.<ext>``), without extracting
+~100 GB of frames first: the same clip on the same time grid. Tick k of the grid is k / ``fps`` seconds after the
+file's first frame (which shows movie second ``first_second``: 900 for the 15-minute cuts, 0 for whole movies), and
+shows the frame FFmpeg's fps filter would output there (``frames_at_ticks``) — the frame ``ffmpeg -r 30``
+extraction writes — whatever the file's own frame rate, constant or variable (frame start times from the
+container, ``VideoSource.frame_times``). A video decoded losslessly gives exactly the folder's items
+(tests/test_ava_video.py).
+
 Boxes come in normalized x1, y1, x2, y2 and leave as pixels of the clip the model sees. Training: the short side is
 resized to ``train_short_side``, a random ``crop`` × ``crop`` square is cut and flipped with probability 0.5; a box
 is clipped to the crop and dropped when less than ``min_box_side`` pixels of it remain in either direction (it left
-the crop). Testing: the whole frame, short side ``test_short_side``, nothing cropped, so the clip is not square.
+the crop); optionally each ground-truth box is first jittered (``box_jitter``, as VideoMAE trains). Testing: the
+whole frame, short side ``test_short_side``, nothing cropped, so the clip is not square.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -31,17 +41,27 @@ from datasets.transforms import resize_short_side
 from datasets.video_dataset import Failure
 
 __all__ = ["AVAClipConfig", "Keyframe", "group_keyframes", "clip_frame_numbers", "keyframe_number", "crop_boxes",
-           "flip_boxes", "train_view", "full_frame_view", "AVAKeyframes", "collate_keyframes", "num_boxes"]
+           "flip_boxes", "jitter_boxes", "frames_at_ticks", "train_view", "full_frame_view", "AVAKeyframes",
+           "collate_keyframes", "num_boxes"]
 
 
 @dataclass
 class AVAClipConfig:
     """Where the frames are and how a keyframe becomes a clip."""
 
+    # where the clips come from: "frames" (folders of extracted JPEG frames) or "video" (the video files, read by
+    # timestamp: no extraction needed)
+    source: Literal["frames", "video"] = "frames"
     frames_dir: str = "frames"  # folder of per-video frame folders: <frames_dir>/<video_id>/<video_id>_%06d.jpg
     frame_template: str = "{video_id}_{number:06d}.jpg"  # file name of frame `number` (1-based) of a video
-    fps: int = 30  # frames per second of the extracted frames (AVA: 30)
-    first_second: int = 900  # movie second that frame 1 shows (AVA's 15-minute cut starts at 900)
+    videos_dir: str = "videos"  # source "video": folder of <video_id>.<any extension> (mkv, mp4, webm, ...)
+    video_backend: Literal["pyav", "decord"] = "pyav"  # source "video": decoder (datasets/decode.py)
+    # frames per second of the extracted frames (AVA: 30); for source "video", the time grid the clip's
+    # sampling_rate counts in (30 reads the frames `ffmpeg -r 30` would have extracted)
+    fps: int = 30
+    # movie second that frame 1 (or a video file's first frame) shows: 900 for AVA's frames and for videos cut to
+    # the 15-minute segment (ffmpeg -ss 900 -t 901); 0 for the whole movies as downloaded
+    first_second: int = 900
     clip_len: int = 16  # frames per clip
     sampling_rate: int = 4  # stride between the clip's frames
     train_short_side: int = 256  # training: short side before the random crop
@@ -49,6 +69,9 @@ class AVAClipConfig:
     flip: bool = True  # training: horizontal flip with probability 0.5
     test_short_side: int = 256  # testing: short side of the whole frame (no crop)
     min_box_side: float = 1.0  # training: a box with less than this many pixels left inside the crop is dropped
+    # training: each side of a ground-truth box moves by a uniform fraction of the box's width (x sides) or height
+    # (y sides) in [-in, +out], outwards positive: (x_out, x_in, y_out, y_in); VideoMAE (0.2, 0.1, 0.1, 0.05)
+    box_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     num_classes: int = 80  # target columns: action id a -> column a - 1
 
     def __post_init__(self) -> None:
@@ -56,6 +79,10 @@ class AVAClipConfig:
             raise ValueError("clip_len, sampling_rate and fps must be >= 1")
         if self.crop > self.train_short_side:
             raise ValueError(f"crop {self.crop} does not fit a short side of {self.train_short_side}")
+        if self.source not in ("frames", "video"):
+            raise ValueError(f"source must be 'frames' or 'video', got {self.source!r}")
+        if len(self.box_jitter) != 4 or not all(0 <= j < 0.5 for j in self.box_jitter):
+            raise ValueError(f"box_jitter is (x_out, x_in, y_out, y_in), each in [0, 0.5), got {self.box_jitter}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,16 @@ def clip_frame_numbers(keyframe_number: int, clip_len: int, sampling_rate: int, 
     return np.clip(keyframe_number + offsets, 1, num_frames).tolist()
 
 
+def frames_at_ticks(ticks: np.ndarray, starts: np.ndarray, rate: float) -> np.ndarray:
+    """Index of the frame that FFmpeg's fps filter (``fps=rate``, its default rounding) outputs at each tick of
+    1/``rate`` s counted from the first frame: every frame start is rounded to the nearest tick (halves away from
+    zero), and tick k shows the last frame whose rounded start is at or before k. Ticks before the first frame
+    show the first, ticks after the last frame the last (a clip clamped at the video's ends)."""
+    frame_ticks = np.floor(np.asarray(starts, dtype=np.float64) * rate + 0.5 + 1e-9)
+    found = np.searchsorted(frame_ticks, np.asarray(ticks), side="right") - 1
+    return np.clip(found, 0, len(frame_ticks) - 1)
+
+
 def keyframe_number(timestamp: int, cfg: AVAClipConfig) -> int:
     return (timestamp - cfg.first_second) * cfg.fps + 1
 
@@ -137,8 +174,26 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return flipped
 
 
+def jitter_boxes(boxes: np.ndarray, jitter: tuple[float, float, float, float], rng: random.Random) -> np.ndarray:
+    """Normalized boxes whose sides each moved by a uniform fraction of the box's side in [-in, +out] (outwards
+    positive; ``jitter`` = (x_out, x_in, y_out, y_in)), clipped to the frame. Inward moves stay below half a side
+    each, so a box never turns inside out."""
+    x_out, x_in, y_out, y_in = jitter
+    if not any(jitter) or not len(boxes):
+        return boxes
+    moved = boxes.astype(np.float32).copy()
+    for row in moved:
+        width, height = row[2] - row[0], row[3] - row[1]
+        row[0] -= rng.uniform(-x_in, x_out) * width
+        row[2] += rng.uniform(-x_in, x_out) * width
+        row[1] -= rng.uniform(-y_in, y_out) * height
+        row[3] += rng.uniform(-y_in, y_out) * height
+    return np.clip(moved, 0.0, 1.0)
+
+
 def train_view(clip: torch.Tensor, boxes: np.ndarray, cfg: AVAClipConfig, rng: random.Random):
     """(T, C, H, W) uint8 clip and normalized boxes → the cropped, maybe flipped clip, its pixel boxes, kept rows."""
+    boxes = jitter_boxes(boxes, cfg.box_jitter, rng)
     clip = resize_short_side(clip, cfg.train_short_side)
     height, width = clip.shape[-2:]
     top, left = rng.randint(0, height - cfg.crop), rng.randint(0, width - cfg.crop)
@@ -168,6 +223,8 @@ class AVAKeyframes(Dataset):
         self.root, self.keyframes, self.cfg, self.train, self.seed = str(root), keyframes, cfg, train, seed
         self.epoch = 0
         self._frame_counts: dict[str, int] = {}
+        self._videos: Optional[dict[str, list[str]]] = None
+        self._last_video: tuple = (None, None, None)  # (process id, path, open VideoSource) of the last video read
 
     def __len__(self) -> int:
         return len(self.keyframes)
@@ -177,6 +234,22 @@ class AVAKeyframes(Dataset):
 
     def frame_folder(self, video_id: str) -> str:
         return os.path.join(self.root, self.cfg.frames_dir, video_id)
+
+    def location(self, video_id: str) -> str:
+        """Where a video's clips come from: its frame folder, or its video file (a pattern when there is none)."""
+        if self.cfg.source == "frames":
+            return self.frame_folder(video_id)
+        matches = self._video_files().get(video_id, [])
+        return matches[0] if len(matches) == 1 else os.path.join(self.root, self.cfg.videos_dir, f"{video_id}.*")
+
+    def _video_files(self) -> dict[str, list[str]]:
+        """{video id: the files of ``videos_dir`` named <video id>.<extension>}, listed once per worker."""
+        if self._videos is None:
+            folder = os.path.join(self.root, self.cfg.videos_dir)
+            self._videos = {}
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                self._videos.setdefault(os.path.splitext(name)[0], []).append(os.path.join(folder, name))
+        return self._videos
 
     def _num_frames(self, video_id: str) -> int:
         """Frames of a video: the run of consecutive numbered files from 1 (counted once per worker)."""
@@ -191,6 +264,10 @@ class AVAKeyframes(Dataset):
 
     def read_clip(self, keyframe: Keyframe) -> torch.Tensor:
         """uint8 (T, C, H, W) frames around the keyframe."""
+        frames = self._read_video(keyframe) if self.cfg.source == "video" else self._read_frames(keyframe)
+        return torch.from_numpy(frames).permute(0, 3, 1, 2)
+
+    def _read_frames(self, keyframe: Keyframe) -> np.ndarray:
         folder, cfg = self.frame_folder(keyframe.video_id), self.cfg
         count = self._num_frames(keyframe.video_id)
         if count == 0:
@@ -204,15 +281,51 @@ class AVAKeyframes(Dataset):
         source = open_video(VideoRecord(folder, num_frames=count), "frames",
                             frame_template=_numbered(cfg.frame_template, keyframe.video_id), first_frame_index=1)
         with source:
-            frames = source.get_frames([n - 1 for n in numbers])
-        return torch.from_numpy(frames).permute(0, 3, 1, 2)
+            return source.get_frames([n - 1 for n in numbers])
+
+    def _open(self, path: str):
+        """The video file opened for reading, kept open for the next keyframe: test keyframes come video by video,
+        and opening indexes every packet of the file (63 ms for 5 minutes at 30 fps, 1.5 s for a 2-hour movie).
+        One video per process: a source opened before a DataLoader forked is not the worker's to read."""
+        cached_pid, cached_path, video = self._last_video
+        if cached_path == path and cached_pid == os.getpid():
+            return video
+        if cached_pid == os.getpid() and video is not None:
+            video.close()
+        self._last_video = (os.getpid(), None, None)
+        video = open_video(path, self.cfg.video_backend)
+        self._last_video = (os.getpid(), path, video)
+        return video
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_last_video": (None, None, None)}  # an open file does not travel to a worker
+
+    def _read_video(self, keyframe: Keyframe) -> np.ndarray:
+        """The clip read from the video file by time: on the ``fps`` grid from its first frame, each tick shows
+        the frame that FFmpeg's fps filter outputs there (``frames_at_ticks``), so the clip is the one the frames
+        ``ffmpeg -r fps`` extracts would give, whatever the file's own frame rate, variable or not."""
+        cfg, path = self.cfg, self.location(keyframe.video_id)
+        matches = self._video_files().get(keyframe.video_id, [])
+        if len(matches) != 1:
+            raise VideoReadError(path, "no such video file" if not matches
+                                 else "several files of this video: " + ", ".join(matches))
+        video = self._open(path)
+        starts = video.frame_times()
+        frame_duration = 1 / video.fps if math.isfinite(video.fps) and video.fps > 0 else 0.0
+        center = (keyframe.timestamp - cfg.first_second) * cfg.fps  # tick of the keyframe
+        if not 0 <= center / cfg.fps <= starts[-1] + frame_duration:
+            raise VideoReadError(path, f"keyframe {keyframe.key} is at {center / cfg.fps:.3f} s of the file "
+                                       f"(first second {cfg.first_second}), which shows 0-"
+                                       f"{starts[-1] + frame_duration:.3f} s")
+        ticks = center + (np.arange(cfg.clip_len) - cfg.clip_len // 2) * cfg.sampling_rate
+        return video.get_frames(frames_at_ticks(ticks, starts, cfg.fps))
 
     def __getitem__(self, index: int):
         keyframe = self.keyframes[index]
         try:
             clip = self.read_clip(keyframe)
         except (VideoReadError, OSError, ValueError) as error:
-            return Failure(index, f"{self.frame_folder(keyframe.video_id)} ({keyframe.key})", str(error))
+            return Failure(index, f"{self.location(keyframe.video_id)} ({keyframe.key})", str(error))
         if self.train:
             rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
             clip, boxes, kept = train_view(clip, keyframe.boxes, self.cfg, rng)

@@ -91,6 +91,13 @@ class VideoSource(abc.ABC):
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
         """Frames for distinct, increasing, in-range indices."""
 
+    def frame_times(self) -> np.ndarray:
+        """float64 (num_frames,): when each frame starts being shown, in seconds from the first frame. Here: a
+        constant rate of ``fps``; video files whose timestamps can be trusted give their own (variable rates)."""
+        if not math.isfinite(self.fps) or self.fps <= 0:
+            raise VideoReadError(self.path, "has no frame rate, so its frames cannot be placed in time")
+        return np.arange(self.num_frames, dtype=np.float64) / self.fps
+
     def close(self) -> None:
         pass
 
@@ -414,6 +421,10 @@ class DecordSource(VideoSource):
             raise VideoReadError(path, f"cannot open ({_short(error)})") from None
         super().__init__(path, num_frames, fps)
         self._check_index(index)
+        self._index = index
+
+    def frame_times(self) -> np.ndarray:
+        return _seconds_from_first(self._index)  # _check_index proved decord's timestamps equal these
 
     def _check_index(self, index: StreamIndex) -> None:
         """decord's frame list must be the container's, frame for frame (it has added a duplicate last frame)."""
@@ -495,6 +506,10 @@ class PyAVSource(VideoSource):
     def counted(self) -> bool:
         """True when frames are counted as decoded from the start rather than placed by their timestamps."""
         return not self._index.seekable
+
+    def frame_times(self) -> np.ndarray:
+        # Counted files (timestamps missing, repeated or in decoding order) can only be timed by their frame rate.
+        return super().frame_times() if self.counted else _seconds_from_first(self._index)
 
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
         try:
@@ -583,6 +598,13 @@ class PyAVSource(VideoSource):
 
     def close(self) -> None:
         self._container.close()
+
+
+def _seconds_from_first(index: StreamIndex) -> np.ndarray:
+    """Start times of the shown frames, in seconds from the first one (so a file whose timestamps start above 0,
+    as transport streams' do, is timed from its first frame, as FFmpeg's ``-ss`` counts)."""
+    ticks = np.array(index.pts, dtype=np.int64) - index.pts[0]
+    return ticks * index.time_base.numerator / index.time_base.denominator  # float64: exact to ~1e-16 relative
 
 
 def _stream_fps(stream) -> float:

@@ -44,6 +44,8 @@ Layout written by :func:`ensure_synthetic_ava` under ``ROOT``::
 
     frames/<video_id>/<video_id>_%06d.jpg            JPEG frames, H x W (64 x 80 by default: not square on
                                                       purpose), numbered from 1 as above
+    videos/<video_id>.mp4                             only with ``videos=True``: the same frames as H.264 (with
+                                                      B-frames), to read clips by timestamp
     annotations/ava_{train,val}_v2.2.csv             ground truth: video_id,timestamp,x1,y1,x2,y2,action_id,
                                                       person_id; one row per (box, action), normalized boxes
     annotations/ava_action_list_v2.2.pbtxt           label map: item { name: "..." id: N }, ids 1-5 and 7
@@ -78,6 +80,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.files import atomic_path, partial_path, write_text_atomic
+from datasets.video_io import write_video
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,9 @@ class SyntheticAVASpec:
     miss_rate: float = 0.05  # chance the detector misses an actor at a keyframe
     false_positives: float = 0.5  # mean number of false-positive detections per keyframe (Poisson)
     excluded_per_split: int = 2  # keyframes listed in each split's excluded-timestamps file
+    # also write every video as videos/<video_id>.mp4 (H.264 with B-frames, crf 18, at fps, from the same rendered
+    # frames), for reading clips by timestamp (data.source=video) as from users' video files
+    videos: bool = False
 
     def __post_init__(self):
         if not 2 <= self.num_videos <= MAX_VIDEOS:
@@ -191,6 +197,8 @@ class SyntheticAVASpec:
             raise ValueError("false_positives and frame_noise must be >= 0")
         if not 1 <= self.jpeg_quality <= 95:
             raise ValueError(f"jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        if self.videos and (self.height % 2 or self.width % 2):
+            raise ValueError(f"H.264 videos need an even frame size, got {self.height} x {self.width}")
         if not 0 <= self.excluded_per_split <= self.num_val_videos * self.seconds:
             raise ValueError(f"excluded_per_split must be in 0..{self.num_val_videos * self.seconds} "
                              f"(the val split's keyframes), got {self.excluded_per_split}")
@@ -589,6 +597,7 @@ class SyntheticAVAPaths:
 
     root: Path
     frames_dir: Path  # <root>/frames: <video_id>/<video_id>_%06d.jpg
+    videos_dir: Path  # <root>/videos: <video_id>.mp4 (spec.videos)
     annotations_dir: Path
     train_csv: Path
     val_csv: Path
@@ -605,6 +614,9 @@ class SyntheticAVAPaths:
         """The JPEG of 1-based frame ``number`` of ``video``."""
         return self.frames_dir / video / frame_name(video, number)
 
+    def video_path(self, video: str) -> Path:
+        return self.videos_dir / f"{video}.mp4"
+
     def split(self, name: str) -> dict[str, Path]:
         """The ground truth, detections and excluded timestamps of split ``name`` ("train" or "val")."""
         if name not in ("train", "val"):
@@ -615,7 +627,8 @@ class SyntheticAVAPaths:
 def dataset_paths(root: str | os.PathLike) -> SyntheticAVAPaths:
     root = Path(root)
     annotations = root / "annotations"
-    return SyntheticAVAPaths(root=root, frames_dir=root / "frames", annotations_dir=annotations,
+    return SyntheticAVAPaths(root=root, frames_dir=root / "frames", videos_dir=root / "videos",
+                             annotations_dir=annotations,
                              meta=root / META, **{key: annotations / name for key, name in ANNOTATIONS.items()})
 
 
@@ -625,12 +638,16 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines), fsync=False)
 
 
-def _write_frames(paths: SyntheticAVAPaths, plan: VideoPlan) -> None:
+def _write_video(paths: SyntheticAVAPaths, plan: VideoPlan) -> None:
+    frames = render_frames(plan)
     folder = paths.frames_dir / plan.video_id
     folder.mkdir(parents=True, exist_ok=True)
-    for number, frame in enumerate(render_frames(plan), 1):
+    for number, frame in enumerate(frames, 1):
         with atomic_path(folder / frame_name(plan.video_id, number), fsync=False) as tmp:
             Image.fromarray(frame).save(tmp, format="JPEG", quality=plan.spec.jpeg_quality)
+    if plan.spec.videos:
+        paths.videos_dir.mkdir(exist_ok=True)
+        write_video(str(paths.video_path(plan.video_id)), frames, plan.spec.fps, crf=18, gop=2 * plan.spec.fps)
 
 
 def _spec_json(spec: SyntheticAVASpec) -> dict:
@@ -660,6 +677,7 @@ def _expected_files(paths: SyntheticAVAPaths, spec: SyntheticAVASpec) -> list[Pa
     files = [paths.root / "annotations" / name for name in ANNOTATIONS.values()]
     for index in range(spec.num_videos):
         files += [paths.frame_path(video_id(index), n) for n in range(1, spec.num_frames + 1)]
+        files += [paths.video_path(video_id(index))] if spec.videos else []
     return files
 
 
@@ -689,6 +707,11 @@ def _clear_previous_output(paths: SyntheticAVAPaths) -> None:
     for name in (META, *(f"annotations/{name}" for name in ANNOTATIONS.values())):
         for path in (paths.root / name, partial_path(paths.root / name)):
             path.unlink(missing_ok=True)
+    if paths.videos_dir.is_dir():
+        ours = re.compile(rf"{VIDEO_ID.pattern}(\.partial)?\.mp4")
+        for path in paths.videos_dir.iterdir():
+            if ours.fullmatch(path.name):
+                path.unlink()
     if not paths.frames_dir.is_dir():
         return
     for folder in paths.frames_dir.iterdir():
@@ -720,7 +743,7 @@ def make_synthetic_ava(root: str | os.PathLike, spec: SyntheticAVASpec | None = 
         truth, detections, missed, boxes = [], [], 0, 0
         for index in indices:
             plan = plan_video(spec, index)
-            _write_frames(paths, plan)
+            _write_video(paths, plan)
             truth += groundtruth_rows(plan)
             found = detect(plan)
             detections += found.rows
