@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -224,7 +225,7 @@ class AVAKeyframes(Dataset):
         self.epoch = 0
         self._frame_counts: dict[str, int] = {}
         self._videos: Optional[dict[str, list[str]]] = None
-        self._last_video: tuple = (None, None, None)  # (process id, path, open VideoSource) of the last video read
+        self._last_video: tuple = (None, None)  # (path, open VideoSource) of the last video read
 
     def __len__(self) -> int:
         return len(self.keyframes)
@@ -285,20 +286,24 @@ class AVAKeyframes(Dataset):
 
     def _open(self, path: str):
         """The video file opened for reading, kept open for the next keyframe: test keyframes come video by video,
-        and opening indexes every packet of the file (63 ms for 5 minutes at 30 fps, 1.5 s for a 2-hour movie).
-        One video per process: a source opened before a DataLoader forked is not the worker's to read."""
-        cached_pid, cached_path, video = self._last_video
-        if cached_path == path and cached_pid == os.getpid():
+        and opening indexes every packet of the file (63 ms for 5 minutes at 30 fps, 1.5 s for a 2-hour movie)."""
+        cached_path, video = self._last_video
+        if cached_path == path:
             return video
-        if cached_pid == os.getpid() and video is not None:
-            video.close()
-        self._last_video = (os.getpid(), None, None)
+        self.close_video()
         video = open_video(path, self.cfg.video_backend)
-        self._last_video = (os.getpid(), path, video)
+        self._last_video = (path, video)
+        _WITH_OPEN_VIDEO.add(self)
         return video
 
+    def close_video(self) -> None:
+        video = self._last_video[1]
+        self._last_video = (None, None)
+        if video is not None:
+            video.close()
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_last_video": (None, None, None)}  # an open file does not travel to a worker
+        return {**self.__dict__, "_last_video": (None, None)}  # an open file does not travel to a worker
 
     def _read_video(self, keyframe: Keyframe) -> np.ndarray:
         """The clip read from the video file by time: on the ``fps`` grid from its first frame, each tick shows
@@ -335,6 +340,20 @@ class AVAKeyframes(Dataset):
             labels, scores = keyframe.labels, keyframe.scores
         return {"video": clip.permute(1, 0, 2, 3).contiguous(), "boxes": torch.from_numpy(boxes),
                 "labels": torch.from_numpy(labels), "scores": torch.from_numpy(scores), "index": index}
+
+
+# Datasets holding an open video, closed before this process forks (DataLoader workers): FFmpeg state copied into a
+# child cannot be used there, and even freeing it there can hang the child.
+_WITH_OPEN_VIDEO: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_videos_before_fork() -> None:
+    for dataset in list(_WITH_OPEN_VIDEO):
+        dataset.close_video()
+    _WITH_OPEN_VIDEO.clear()
+
+
+os.register_at_fork(before=_close_videos_before_fork)
 
 
 def _numbered(template: str, video_id: str) -> str:

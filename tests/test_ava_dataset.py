@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from datasets.ava_dataset import (AVAClipConfig, AVAKeyframes, Keyframe, clip_frame_numbers, collate_keyframes,
-                                  crop_boxes, full_frame_view, group_keyframes, keyframe_number, train_view)
+                                  crop_boxes, full_frame_view, group_keyframes, jitter_boxes, keyframe_number,
+                                  train_view)
 from datasets.ava_files import BoxTable
 from datasets.video_dataset import Failure
 
@@ -115,6 +116,24 @@ def test_boxes_are_clipped_to_the_crop_and_dropped_when_they_leave_it():
     moved, kept = crop_boxes(boxes, top=20, left=20, size=100, min_side=1.0)
     assert kept.tolist() == [False, True, False]
     assert moved.tolist() == [[70, 70, 100, 100]]
+
+
+def test_box_jitter_moves_each_side_within_its_bounds_and_stays_in_the_frame():
+    boxes = np.array([[0.2, 0.2, 0.6, 0.8], [0.0, 0.5, 0.1, 1.0]], dtype=np.float32)
+    rng = random.Random(0)
+    assert jitter_boxes(boxes, (0.0, 0.0, 0.0, 0.0), rng) is boxes
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    outward = np.stack([boxes[:, 0] - 0.2 * width, boxes[:, 1] - 0.1 * height,
+                        boxes[:, 2] + 0.2 * width, boxes[:, 3] + 0.1 * height], axis=1).clip(0, 1)
+    inward = np.stack([boxes[:, 0] + 0.1 * width, boxes[:, 1] + 0.05 * height,
+                       boxes[:, 2] - 0.1 * width, boxes[:, 3] - 0.05 * height], axis=1)
+    moved = np.stack([jitter_boxes(boxes, (0.2, 0.1, 0.1, 0.05), rng) for _ in range(500)])
+    eps = 1e-6
+    assert (moved[..., :2] >= outward[:, :2] - eps).all() and (moved[..., :2] <= inward[:, :2] + eps).all()
+    assert (moved[..., 2:] <= outward[:, 2:] + eps).all() and (moved[..., 2:] >= inward[:, 2:] - eps).all()
+    assert (moved >= 0).all() and (moved <= 1).all()
+    spread = moved.std(axis=0)
+    assert (spread[0] > 0.01).all() and (spread[1, [1, 2, 3]] > 0.005).all()  # every unclipped side moves
 
 
 @pytest.fixture

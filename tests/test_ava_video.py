@@ -9,12 +9,15 @@ test items (pixels and boxes) as the folder, also when the file starts earlier t
 
 import json
 import os
+import pickle
 import shutil
 from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader
 
 import video_corpus as corpus
 from datasets.ava_dataset import AVAClipConfig, AVAKeyframes, Keyframe, frames_at_ticks, group_keyframes
@@ -215,3 +218,15 @@ def test_the_synthetic_dataset_can_come_as_h264_videos_read_by_timestamp(tmp_pat
         got, folder = from_video[index]["video"].float(), from_frames[index]["video"].float()  # (C, 8, H, W)
         distance = {shift: float((got[:, 2:6] - folder[:, 2 + shift:6 + shift]).abs().mean()) for shift in range(-2, 3)}
         assert min(distance, key=distance.get) == 0, (index, distance)
+
+
+def test_a_video_left_open_is_closed_before_the_loader_forks_its_workers(synthetic_videos):
+    root, paths = synthetic_videos
+    keyframes = group_keyframes(read_ava_csv(paths.split("train")["csv"], kind="groundtruth"), 7)
+    _, cfg = both_sources(root)
+    dataset = AVAKeyframes(root, keyframes, cfg, train=False)
+    expected = [dataset[i]["video"] for i in range(len(keyframes))]  # leaves the last video open here
+    loader = DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=60)
+    for item, clip in zip(loader, expected):
+        assert torch.equal(item["video"], clip)
+    pickle.loads(pickle.dumps(dataset))[0]  # what a spawned worker gets: no open file, reopened on first use
