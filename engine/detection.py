@@ -102,6 +102,9 @@ class DetectionEvalConfig:
     micro_batch: int = 4
     # score the val keyframes with the last weights after training: test_results.json and detections.csv
     final_test: bool = True
+    # an action's score = its sigmoid x the person detector's score for the box (VideoMAE's detector); false = the
+    # sigmoid alone (SlowFast)
+    times_box_score: bool = False
 
     def __post_init__(self) -> None:
         if self.every_epochs < 0 or self.micro_batch < 1:
@@ -213,12 +216,14 @@ class DetectionScores:
 @torch.no_grad()
 def score_keyframes(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], dataset: AVAKeyframes,
                     class_ids: list[int], *, micro_batch: int, num_workers: int, device: torch.device,
-                    dtype: torch.dtype, collective_forward: bool = False) -> DetectionScores:
+                    dtype: torch.dtype, collective_forward: bool = False, times_box_score: bool = False
+                    ) -> DetectionScores:
     """Score every box of ``dataset`` (test views) once over the ranks; call on every rank, all get the result.
 
     ``forward(video, rois)`` → (K, num_classes) logits, in eval mode. ``collective_forward`` (ZeRO-3, whose
     forward gathers parameters from every rank): a rank with fewer batches, or with a batch that could not be
-    read, runs a forward on a blank clip without boxes, so every rank calls it the same number of times."""
+    read, runs a forward on a blank clip without boxes, so every rank calls it the same number of times.
+    ``times_box_score``: each action score is multiplied by the box's detector score."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
     batches = rank_batches(dataset.keyframes, micro_batch, world, rank)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_keyframes, num_workers=num_workers,
@@ -239,6 +244,8 @@ def score_keyframes(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
             continue
         video = model_input(batch["video"].to(device, non_blocking=True), dataset.cfg, dtype)
         probs = forward(video, batch["rois"].to(device)).float().sigmoid().cpu()[:, columns].double().numpy()
+        if times_box_score:
+            probs *= batch["scores"].double().numpy()[:, None]
         keyframe = batch["keyframe"].numpy()
         for index in np.unique(keyframe):
             scored.append((int(index), probs[keyframe == index]))
@@ -409,7 +416,8 @@ class DetectionTask(Task):
             result = score_keyframes(engine, dataset, sorted(self.label_map), micro_batch=self.cfg.eval.micro_batch,
                                      num_workers=self.cfg.batch.num_workers, device=engine.device,
                                      dtype=ds.input_dtype(engine),
-                                     collective_forward=engine.zero_optimization_stage() == 3)
+                                     collective_forward=engine.zero_optimization_stage() == 3,
+                                     times_box_score=self.cfg.eval.times_box_score)
         finally:
             engine.train()
         return result, average_precision(result, truth, excluded)
@@ -461,7 +469,8 @@ def evaluate_weights(cfg: DetectionConfig, path: str, device: torch.device) -> t
     model = load_trained_detector(cfg.model, path).to(device).eval()
     dataset = AVAKeyframes(cfg.data.root, detected_keyframes(cfg.data), cfg.data, train=False)
     result = score_keyframes(model, dataset, sorted(label_map), micro_batch=cfg.eval.micro_batch,
-                             num_workers=cfg.batch.num_workers, device=device, dtype=torch.float32)
+                             num_workers=cfg.batch.num_workers, device=device, dtype=torch.float32,
+                             times_box_score=cfg.eval.times_box_score)
     truth = ground_truth(cfg.data, "val", label_map)
     return result, average_precision(result, truth, read_excluded_timestamps(cfg.data.path("val_excluded"))), \
         label_map

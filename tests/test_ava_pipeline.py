@@ -2,16 +2,19 @@
 detector (forward and backward) → rows for the frame-mAP evaluator. An oracle that scores each test box with its
 true actions must reach mAP 1, so keys, boxes and class columns line up from the CSV to the evaluator."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from datasets.ava_dataset import AVAClipConfig, AVAKeyframes, collate_keyframes, group_keyframes
 from datasets.ava_files import keep_label_map_actions, read_ava_csv, read_excluded_timestamps, read_label_map
 from datasets.synthetic_ava import ensure_synthetic_ava
 from datasets.video_dataset import DataConfig, model_input
 from engine.ava_eval import dense_to_rows, frame_average_precision
+from engine.detection import AVADataConfig, score_keyframes
 from models.detection import ActionDetector, DetectorConfig, detection_loss
 from models.vit import ViTConfig
 
@@ -84,3 +87,22 @@ def test_detected_boxes_are_test_items_and_random_scores_stay_below_the_oracle(a
     result = frame_average_precision(gt_table.keys(), gt_table.boxes, gt_table.action, *det, class_ids,
                                      excluded_keys=read_excluded_timestamps(paths.val_excluded))
     assert 0 < result["mAP"] < 0.9
+
+
+@pytest.mark.parametrize("times_box_score", [False, True])
+def test_scores_are_the_sigmoid_optionally_times_the_detectors_box_score(ava, times_box_score):
+    paths, cfg, label_map = ava
+    detected = keyframes(paths, "val", label_map, detections=True)[:5]
+    data = AVADataConfig(**dataclasses.asdict(cfg))  # with the normalization the scorer applies
+    test = AVAKeyframes(paths.root, detected, data, train=False)
+
+    def forward(video, rois):  # logit 0 for every class: sigmoid 1/2
+        return torch.zeros(rois.shape[0], NUM_CLASSES)
+
+    result = score_keyframes(forward, test, sorted(label_map), micro_batch=2, num_workers=0,
+                             device=torch.device("cpu"), dtype=torch.float32, times_box_score=times_box_score)
+    box_scores = np.concatenate([k.scores for k in detected]).astype(np.float64)
+    assert box_scores.min() < 1  # the detector's scores, not ground truth's ones
+    expected = 0.5 * (box_scores if times_box_score else np.ones_like(box_scores))
+    assert result.scores.shape == (len(box_scores), len(label_map))
+    assert np.allclose(result.scores, expected[:, None])
