@@ -23,7 +23,7 @@ ROOT_CONFIG_OF_FOLDER = {
 RECIPES = sorted(CONFIGS.rglob("*.yaml"))
 
 # Paper recipes are named <method>_<size>_<dataset>.yaml; others (tiny_cpu) are free-form and skip the name checks.
-PAPER_RECIPE = re.compile(r"(?P<method>videomae|maest)_(?P<size>[sblh])_(?P<dataset>k400|ssv2|ucf101|hmdb51)")
+PAPER_RECIPE = re.compile(r"(?P<method>videomae|maest)_(?P<size>[sblh])_(?P<dataset>k400|ssv2|ucf101|hmdb51|ava)")
 ARCH_OF_SIZE = {"s": "vit_small", "b": "vit_base", "l": "vit_large", "h": "vit_huge"}
 CLASSES_OF_DATASET = {"k400": 400, "ssv2": 174, "ucf101": 101, "hmdb51": 51}
 # Encoder fields that decide the shapes of the weights: a fine-tuning recipe must agree with the pre-training
@@ -179,3 +179,50 @@ def test_finetune_encoder_matches_its_pretraining(path):
         assert getattr(finetune, name) == getattr(pretrain, name), (
             f"{path.name}: model.encoder.{name} is {getattr(finetune, name)!r} here but "
             f"{getattr(pretrain, name)!r} in pretrain/{path.name}: the pre-trained weights would not load")
+
+
+# The AVA recipes' paper settings: VideoMAE Table 12 (AVA, no extra Kinetics fine-tuning), MAE-ST Table 6a.
+# (optimizer, peak lr at batch 128, epochs, layer decay)
+AVA_TABLES = {
+    ("videomae", "s"): ("adamw", 1e-3 * 128 / 256, 30, 0.6),
+    ("videomae", "b"): ("adamw", 2.5e-4 * 128 / 256, 30, 0.75),
+    ("videomae", "l"): ("adamw", 2.5e-4 * 128 / 256, 30, 0.75),
+    ("videomae", "h"): ("adamw", 5e-4 * 128 / 256, 20, 0.8),
+    ("maest", "l"): ("sgd", 7.2, 30, 0.75),
+    ("maest", "h"): ("sgd", 4.8, 30, 0.85),
+}
+DETECT_PAPER_RECIPES = [p for p in PAPER_RECIPES if _folder(p) == "detect"]
+
+
+def test_every_ava_table_column_has_a_recipe():
+    assert {(_paper_name(p)["method"], _paper_name(p)["size"]) for p in DETECT_PAPER_RECIPES} == set(AVA_TABLES)
+
+
+@pytest.mark.parametrize("path", DETECT_PAPER_RECIPES, ids=_id)
+def test_ava_recipes_follow_their_paper_table(path):
+    name, cfg = _paper_name(path), _load(path)
+    optimizer, lr, epochs, layer_decay = AVA_TABLES[(name["method"], name["size"])]
+    gpus = 32  # as written in the headers: batch 128 = 32 GPUs x micro_batch 4
+    batch = cfg.batch.micro_batch * cfg.batch.grad_accum * gpus
+    assert batch == 128 and cfg.optim.lr is None
+    assert cfg.optim.name == optimizer and cfg.optim.blr * batch / 256 == pytest.approx(lr)
+    assert (cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.layer_decay) == (epochs, 5, layer_decay)
+    assert cfg.model.encoder.drop_path == 0.2 and cfg.model.dropout == 0.5
+    assert cfg.optim.weight_decay == (0.05 if optimizer == "adamw" else 1e-8)
+    if optimizer == "adamw":
+        assert cfg.optim.betas == (0.9, 0.999)
+    data = cfg.data
+    assert (data.clip_len, data.sampling_rate, data.fps, data.first_second) == (16, 4, 30, 900)
+    assert (data.train_short_side, data.crop, data.test_short_side, data.flip) == (256, 224, 256, True)
+    assert data.detection_min_score == 0.8 and cfg.model.num_classes == 80
+    assert cfg.eval.times_box_score == (name["method"] == "videomae")  # VideoMAE's detector; SlowFast's does not
+
+
+@pytest.mark.parametrize("path", DETECT_PAPER_RECIPES, ids=_id)
+def test_ava_encoder_matches_its_kinetics_pretraining(path):
+    pretrain = CONFIGS / "pretrain" / path.name.replace("_ava", "_k400")
+    if not pretrain.exists():
+        pytest.skip(f"no pre-training recipe {pretrain.name}")
+    detector, pretrained = _load(path).model.encoder, _load(pretrain).model.encoder
+    for name in WEIGHT_SHAPING_FIELDS:
+        assert getattr(detector, name) == getattr(pretrained, name), f"{path.name}: model.encoder.{name}"
