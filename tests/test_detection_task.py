@@ -184,3 +184,43 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert losses(out) == losses(reference)  # fp32 on CPU: bit-identical losses after the resume
     got, expected = (json.loads((path / "test_results.json").read_text()) for path in (out, reference))
     assert got["mAP"] == expected["mAP"]
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def detections(path: Path) -> dict[tuple, float]:
+    with open(path, newline="") as f:
+        return {tuple(row[:7]): float(row[7]) for row in csv.reader(f)}
+
+
+def test_two_ranks_score_every_keyframe_once_and_give_the_map_of_one(recipe_run, tmp_path):
+    """--eval-only of the same weights on one rank and on two: every keyframe scored once over the ranks (a
+    contiguous share each, rows gathered), the same rows, the same AP for every class."""
+    out, data, _ = recipe_run
+    weights = {n: tmp_path / f"ranks{n}" / "weights.pt" for n in (1, 2)}
+    for n, path in weights.items():
+        path.parent.mkdir()
+        path.write_bytes((out / "weights.pt").read_bytes())
+        launcher = list(TORCHRUN[:-1]) + ["2"] if n == 2 else [sys.executable]
+        run([*launcher, *command(path.parent, data, "--eval-only", "--weights", str(path))[1:]])
+    one, two = (json.loads((weights[n].parent / "eval_weights.json").read_text()) for n in (1, 2))
+    assert one["num_scored"] == two["num_scored"] == one["num_keyframes"] and one["num_boxes"] == two["num_boxes"]
+    assert two["ap"] == pytest.approx(one["ap"], abs=1e-9) and two["mAP"] == pytest.approx(one["mAP"], abs=1e-9)
+    rows = [detections(weights[n].parent / "eval_weights_detections.csv") for n in (1, 2)]
+    assert rows[0].keys() == rows[1].keys()
+    assert max(abs(rows[0][k] - rows[1][k]) for k in rows[0]) < 1e-5
+
+
+def test_zero3_bf16_on_two_ranks_trains_validates_and_tests(tmp_path):
+    """ZeRO-3 partitions the parameters, so every forward is a collective: validation and the final test run a
+    blank forward on a rank that has fewer keyframes to score; here in bf16."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    run([*TORCHRUN, *command(out, data, f"data.synthetic={SMALL}", "optim.epochs=2", "eval.every_epochs=1",
+                             "ds.template=zero3_bf16", "batch.micro_batch=4", "eval.micro_batch=3")[1:]], timeout=600)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val_mAP" in r] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    results = json.loads((out / "test_results.json").read_text())
+    assert results["num_scored"] == results["num_keyframes"] and math.isfinite(results["mAP"])
+    assert (out / "best.pt").is_file() and (out / "weights.pt").is_file()
