@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from engine.checkpoint import checkpoint_root, complete_steps, step_tag
 from engine.config import ConfigError, load_config
@@ -217,20 +218,30 @@ def test_fine_tuning_mask_ratio_anneals_from_its_start_to_zero_on_a_cosine():
 
 
 def test_the_main_job_runs_the_whole_story_and_prints_the_table(tmp_path, data_root):
-    """transfer_demo.py: pre-train, fine-tune from it and from scratch, test both, one table (tiny budget)."""
+    """transfer_demo.py: pre-train, fine-tune from it and from scratch, detect from it and from scratch, test all
+    four, two tables (tiny budget). The classification overrides (--set) must not reach detect.py, whose data
+    section is AVA's: it refuses the classification data.synthetic spec, and data.root would point at the clips."""
     overrides = [f"--set=data.root={data_root}", f"--set=data.synthetic={SPEC}", "--set=batch.micro_batch=4",
                  "--set=optim.warmup_epochs=1"]
     finetune_only = ["model.num_classes=4", "data.num_classes=4", "eval.every_epochs=1"]
+    detect_only = [f"data.root={tmp_path / 'ava'}", "data.synthetic.num_videos=12", "data.synthetic.num_val_videos=4"]
     out = tmp_path / "demo"
     result = run([sys.executable, str(ROOT / "run_scripts" / "transfer_demo.py"), "--out", str(out),
-                  "--pretrain-epochs", "1", "--finetune-epochs", "1", *overrides,
-                  *(f"--finetune-set={o}" for o in finetune_only)], timeout=600)
-    table = (out / "summary.md").read_text()
-    assert table in result.stdout
-    rows = [line for line in table.splitlines() if line.startswith("| pre-trained") or line.startswith("| scratch")]
-    assert len(rows) == 2 and all(line.endswith("| 8/8 |") for line in rows)
-    assert "model.init" not in (out / "finetune_scratch" / "config.yaml").read_text().replace("init: null", "")
-    assert str(out / "pretrain" / "weights.pt") in (out / "finetune_pretrained" / "config.yaml").read_text()
+                  "--pretrain-epochs", "1", "--finetune-epochs", "1", "--detect-epochs", "1", *overrides,
+                  *(f"--finetune-set={o}" for o in finetune_only), *(f"--detect-set={o}" for o in detect_only)],
+                 timeout=900)
+    summary = (out / "summary.md").read_text()
+    assert summary in result.stdout
+    classification, detection = summary.split("Synthetic AVA action detection")
+    for table, all_scored in ((classification, r"\| 8/8 \|$"), (detection, r"\| ([1-9]\d*)/\1 \|$")):
+        rows = [line for line in table.splitlines() if line.startswith(("| pre-trained", "| scratch"))]
+        assert len(rows) == 2 and all(re.search(all_scored, line) for line in rows), table
+    for task in ("finetune", "detect"):
+        configs = {init: yaml.safe_load((out / f"{task}_{init}" / "config.yaml").read_text())
+                   for init in ("pretrained", "scratch")}
+        assert configs["pretrained"]["model"]["init"] == str(out / "pretrain" / "weights.pt")
+        assert not configs["scratch"]["model"]["init"]
+    assert configs["scratch"]["data"]["root"] == str(tmp_path / "ava")  # the detection data, not the --set one
 
 
 def test_a_signal_mid_run_stops_after_a_checkpoint_and_the_rerun_ends_like_the_uninterrupted_run(
