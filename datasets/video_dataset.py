@@ -153,14 +153,43 @@ class TrainClips(_ClipSource):
         return self.repeats
 
     def __getitem__(self, index: int):
-        rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        return self.item(index, self.epoch)
+
+    def item(self, index: int, epoch: int, view: int = 0):
+        """Video ``index``'s clips as epoch ``epoch`` draws them (``view``: what the item's ``view`` says)."""
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
         record = self.records[index]
         try:
             clips = self._decode_clips(record, lambda n: self._choose(n, rng))
         except VideoReadError as error:
             return self._failure(index, error)
         views = torch.stack([self.transform(clip, rng) for clip in clips])  # (V, T, C, H, W)
-        return {"video": views.transpose(1, 2).contiguous(), "label": record.label, "index": index, "view": 0}
+        return {"video": views.transpose(1, 2).contiguous(), "label": record.label, "index": index, "view": view}
+
+
+class AugmentedViews(Dataset):
+    """``views`` augmented draws of every training video, as ``TrainClips`` gives them in epochs 0, 1, ...:
+    item ``j`` is view ``j // N`` of video ``j % N`` (N videos). What a probe caches of its training set."""
+
+    def __init__(self, clips: TrainClips, views: int):
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.clips, self.views = clips, views
+        self.records = clips.records
+
+    def __len__(self) -> int:
+        return len(self.clips) * self.views
+
+    @property
+    def clips_per_item(self) -> int:
+        return self.clips.clips_per_item
+
+    def blank_item(self) -> dict:
+        return self.clips.blank_item()
+
+    def __getitem__(self, item: int):
+        view, index = divmod(item, len(self.clips))
+        return self.clips.item(index, view, view)
 
 
 class EvalClips(_ClipSource):

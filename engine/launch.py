@@ -160,11 +160,12 @@ def launch(task_cls: type, argv: Optional[Sequence[str]] = None, *, doc: str = "
 def _train(task_cls: type, cfg: Any, info) -> int:
     from engine.loop import TrainingStopped, train
 
-    task = task_cls(cfg)
-    task.derived = derive(cfg.batch, cfg.optim, info.world_size, num_train_samples=len(task.train_set),
-                          token_grid=task.token_grid())
-    log.info("derived: %s", task.derived.as_dict())
     try:
+        # A task may do long work of its own before training (a probe caches its features) and stop on a signal.
+        task = task_cls(cfg)
+        task.derived = derive(cfg.batch, cfg.optim, info.world_size, num_train_samples=len(task.train_set),
+                              token_grid=task.token_grid())
+        log.info("derived: %s", task.derived.as_dict())
         train(task, info)
     except TrainingStopped as err:
         log.log(err.log_level, "%s", err)

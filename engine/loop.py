@@ -227,7 +227,7 @@ def train(task: Task, info: DistInfo) -> TrainState:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
                         _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
                     if request is not None:
-                        raise _preempted(request, state.step, info)
+                        raise preempted(request, f"step {state.step}", info.is_main)
                 waited = time.perf_counter()
             state.epoch += 1
             state.consumed = 0
@@ -272,20 +272,21 @@ def _micro_batch_loss(task: Task, engine, batch: dict, micro_batch: int, generat
     return task.loss(engine, _to_device(blank, engine.device), generator) * 0.0, 0
 
 
-def _preempted(request: preempt.StopRequest, step: int, info: DistInfo) -> Preempted:
-    """After the checkpoint of ``step``: every rank says so, then rank 0 requeues the Slurm job if asked to. A
-    successful requeue ends the job at once (what is logged after it may be lost), hence the log lines first; the
-    ranks wait for rank 0 before exiting, so that no rank's exit (srun --kill-on-bad-exit) kills it first."""
-    log.warning("stopping on %s after step %d, whose checkpoint is complete", request.signal_name, step)
+def preempted(request: preempt.StopRequest, where: str, is_main: bool) -> Preempted:
+    """After the checkpoint of ``where`` (a step, a feature shard): every rank says so, then rank 0 requeues the Slurm
+    job if asked to. A successful requeue ends the job at once (what is logged after it may be lost), hence the log
+    lines first; the ranks wait for rank 0 before exiting, so that no rank's exit (srun --kill-on-bad-exit) kills it
+    first."""
+    log.warning("stopping on %s after %s, whose checkpoint is complete", request.signal_name, where)
     barrier()
-    if request.requeue and info.is_main:
+    if request.requeue and is_main:
         outcome = preempt.requeue_slurm_job()
     elif request.requeue:
         outcome = "rank 0 requeues the job"
     else:
         outcome = "not requeued; run the same command again to resume"
     barrier()
-    return Preempted(f"stopped on {request.signal_name} after step {step}: {outcome}")
+    return Preempted(f"stopped on {request.signal_name} after {where}: {outcome}")
 
 
 def _finished_marker(out) -> Path:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from models.convert import LoadReport, load_into_classifier, unwrap_state_dict
+from models.convert import EncoderLoadReport, load_into_encoder
 from models.flops import linear_flops
 from models.pos_embed import PositionEmbedding
 from models.vit import Grid, ViTConfig, VisionTransformer
@@ -194,72 +194,13 @@ def detection_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # ---- initial weights -------------------------------------------------------------------------------------------
 
 
-@dataclass
-class EncoderLoadReport(LoadReport):
-    """``LoadReport`` under the detector's names, plus where the encoder's final norm came from."""
-
-    norm_source: str = "norm"  # "norm" (the checkpoint's final norm), "fc_norm" or "fresh" (ones / zeros)
-
-    def __str__(self) -> str:
-        return f"{super().__str__()}; final norm: {self.norm_source}"
-
-
-# Checkpoint keys of a final LayerNorm over every token / of mean pooling's fc_norm, in the layouts that
-# load_into_classifier reads: ours and official (plain, "encoder." in pre-training, "backbone." in VideoMAE V2), HF.
-_FINAL_NORM_KEYS = ("norm.weight", "encoder.norm.weight", "backbone.norm.weight", "videomae.layernorm.weight")
-_FC_NORM_KEYS = ("fc_norm.weight", "backbone.fc_norm.weight")
-_NORM = ("norm.weight", "norm.bias")
-_FC_NORM = ("fc_norm.weight", "fc_norm.bias")
-
-
 def load_encoder_weights(model: ActionDetector, checkpoint: Mapping, *,
                          norm_from_fc_norm: bool = False) -> EncoderLoadReport:
-    """Initialise ``model.encoder`` from anything ``models.convert.load_into_classifier`` reads: our pre-training
-    or fine-tuned checkpoints, official VideoMAE / V2 ones, Hugging Face ones. Its rules hold (strict but for
-    the head; separable position tables resampled to the encoder's grid; LayerScale and shape mismatches, a
-    checkpoint of another width for instance, are errors); the checkpoint's classification head is dropped and
-    ``head.*`` of the detector stays as it is (fresh).
-
-    The encoder's final ``norm`` (on every token, which the RoI head reads):
-
-    * a checkpoint with a final norm (pre-training, or fine-tuned on one token: HF ``use_mean_pooling=False``)
-      gives it: these are the features its blocks were trained to feed;
-    * a mean-pooling fine-tuned checkpoint has none (VideoMAE discards it for fine-tuning) but ``fc_norm``, trained
-      on the mean of the tokens for the old classes. By default ``norm`` then starts fresh (weight 1, bias 0) and
-      ``fc_norm`` is dropped: this is what VideoMAE's published AVA results start from (its detector loads such
-      checkpoints non-strictly, so its ``norm`` keeps its initialisation), and a LayerNorm's affine part is
-      relearned within the first steps, whereas ``fc_norm``'s gains were fitted to pooled features and the
-      Kinetics head. ``norm_from_fc_norm=True`` copies ``fc_norm`` into ``norm`` instead (for a comparison).
-
-    The checkpoint goes through a temporary classifier with the encoder's configuration, pooling with the norm the
-    checkpoint has: "first" (norm kept) or "mean" (fc_norm kept); its weights are then copied over. Returns what
-    was loaded, dropped, resampled and left fresh, under the detector's names (dropped keys under the checkpoint's).
-    """
-    sd = unwrap_state_dict(checkpoint)
-    has_norm = any(k in sd for k in _FINAL_NORM_KEYS)
-    has_fc_norm = any(k in sd for k in _FC_NORM_KEYS)
-    # drop_path and checkpointing change no weight; the temporary model needs neither.
-    classifier = VisionTransformer(replace(model.cfg.encoder, checkpointing="none", drop_path=0.0), num_classes=0,
-                                   global_pool="first" if has_norm else "mean")
-    inner = load_into_classifier(classifier, sd)
-    weights = classifier.state_dict()
-    fc_norm = {k: weights.pop(k) for k in _FC_NORM if k in weights}
-
-    report = EncoderLoadReport(dropped=list(inner.dropped), resampled=[f"encoder.{k}" for k in inner.resampled])
-    loaded = [k for k in inner.loaded if k not in _FC_NORM]
-    if has_norm:
-        report.norm_source = "norm"
-    elif has_fc_norm and norm_from_fc_norm:
-        report.norm_source = "fc_norm"
-        weights.update({norm: fc_norm[fc] for norm, fc in zip(_NORM, _FC_NORM)})
-        loaded += list(_NORM)
-    else:
-        report.norm_source = "fresh"
-        norm = model.encoder.norm
-        weights.update({"norm.weight": torch.ones_like(norm.weight), "norm.bias": torch.zeros_like(norm.bias)})
-        report.dropped += [k for k in _FC_NORM if k in inner.loaded]
-    model.encoder.load_state_dict(weights)
-    report.loaded = [f"encoder.{k}" for k in loaded]
-    own = [k for k in model.state_dict() if k not in report.loaded]
-    report.fresh = sorted(own)
+    """Initialise ``model.encoder`` with ``models.convert.load_into_encoder`` (its rules and its choice of the final
+    norm); the detector's ``head.*`` stays as it is (fresh). Returns the report under the detector's names (dropped
+    keys under the checkpoint's)."""
+    inner = load_into_encoder(model.encoder, checkpoint, norm_from_fc_norm=norm_from_fc_norm)
+    report = EncoderLoadReport(loaded=[f"encoder.{k}" for k in inner.loaded], dropped=list(inner.dropped),
+                               resampled=[f"encoder.{k}" for k in inner.resampled], norm_source=inner.norm_source)
+    report.fresh = sorted(k for k in model.state_dict() if k not in report.loaded)
     return report
