@@ -90,13 +90,13 @@ def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
     return out
 
 
-def _topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """bool (V,): label among the ``k`` best classes of ``probs`` (V, C); k clipped to C."""
     top = probs.topk(min(k, probs.shape[1]), dim=1).indices
     return (top == labels[:, None]).any(dim=1)
 
 
-def _mean_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> float:
+def mean_class_accuracy(correct: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present in ``labels`` (V,) of the fraction of ``correct`` (V,) videos."""
     per_class = [correct[labels == c].double().mean().item() for c in labels.unique().tolist()]
     return sum(per_class) / len(per_class) if per_class else 0.0
@@ -125,8 +125,8 @@ def summarize(acc: ScoreAccumulator, labels: Sequence[int], paths: Sequence[str]
     scored = acc.counts > 0
     label_t = torch.as_tensor(list(labels), dtype=torch.int64)[scored]
     probs = acc.scores[scored] / acc.counts[scored, None]  # (V_scored, C); counts >= 1, no division by zero
-    top1 = _topk_correct(probs, label_t, 1)
-    top5 = _topk_correct(probs, label_t, 5)
+    top1 = topk_correct(probs, label_t, 1)
+    top5 = topk_correct(probs, label_t, 5)
     n = int(scored.sum())
     counts = acc.counts.tolist()
 
@@ -136,7 +136,7 @@ def summarize(acc: ScoreAccumulator, labels: Sequence[int], paths: Sequence[str]
     return {
         "top1": top1.double().mean().item() if n else 0.0,
         "top5": top5.double().mean().item() if n else 0.0,
-        "mean_class_accuracy": _mean_class_accuracy(top1, label_t),
+        "mean_class_accuracy": mean_class_accuracy(top1, label_t),
         "num_videos": acc.num_videos,
         "num_scored": n,
         "unscored": [(paths[i], why(i)) for i, c in enumerate(counts) if c == 0],

@@ -49,6 +49,8 @@ class FeatureConfig:
     shard_items: int = 256
     # clips per forward of the encoder
     micro_batch: int = 16
+    # DataLoader workers decoding the videos, per rank
+    num_workers: int = 8
     # the encoder's precision: auto = bf16 on a GPU, fp32 on the CPU (features are stored as fp16 either way)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
@@ -61,6 +63,7 @@ class FeatureConfig:
         require(self.last_k >= 1, f"last_k must be >= 1, got {self.last_k}")
         require(self.shard_items >= 1 and self.micro_batch >= 1,
                 f"shard_items and micro_batch must be >= 1, got {self.shard_items}, {self.micro_batch}")
+        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
     def dtype(self, device: torch.device) -> torch.dtype:
         if self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda"):
@@ -113,7 +116,7 @@ def _check_spec(directory: Path, spec: dict) -> None:
 
 
 def extract_split(forward: Callable[[torch.Tensor], torch.Tensor], dim: int, dataset: Dataset, directory: Path,
-                  spec: dict, cfg: FeatureConfig, *, to_input: Callable[[torch.Tensor], torch.Tensor], num_workers: int,
+                  spec: dict, cfg: FeatureConfig, *, to_input: Callable[[torch.Tensor], torch.Tensor],
                   device: torch.device, stop_signals: tuple[str, str] = ("SIGUSR1", "SIGTERM"),
                   on_shard: Optional[Callable[[int], None]] = None) -> "FeatureSplit":
     """Cache ``forward``'s features of every item of ``dataset`` in ``directory`` (every rank calls it; shards
@@ -134,7 +137,7 @@ def extract_split(forward: Callable[[torch.Tensor], torch.Tensor], dim: int, dat
     for first in range(0, num_shards, world):
         k = first + rank
         if k < num_shards and not shard_complete(directory, k):
-            _write_shard(forward, dim, dataset, directory, k, cfg, to_input, num_workers, device, per_item)
+            _write_shard(forward, dim, dataset, directory, k, cfg, to_input, device, per_item)
             if on_shard is not None:
                 on_shard(k)
         request = guard.poll()  # the same rounds on every rank: a collective
@@ -144,16 +147,16 @@ def extract_split(forward: Callable[[torch.Tensor], torch.Tensor], dim: int, dat
             raise preempted(request, f"feature shard {min(first + world, num_shards)} of {num_shards}",
                             is_main_process())
     barrier()
-    return FeatureSplit(directory, num_shards)
+    return FeatureSplit(directory, num_shards, dataset.records, getattr(dataset, "views_per_video", per_item))
 
 
 @torch.inference_mode()
-def _write_shard(forward, dim: int, dataset, directory: Path, k: int, cfg: FeatureConfig, to_input, num_workers: int,
+def _write_shard(forward, dim: int, dataset, directory: Path, k: int, cfg: FeatureConfig, to_input,
                  device: torch.device, per_item: int) -> None:
     start = time.perf_counter()
     items = range(k * cfg.shard_items, min((k + 1) * cfg.shard_items, len(dataset)))
     loader = DataLoader(_Positioned(dataset, items), batch_size=max(1, cfg.micro_batch // per_item),
-                        collate_fn=_keep_positions, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        collate_fn=_keep_positions, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())
     rows = len(items) * per_item
     features = np.zeros((rows, len(cfg.pools), dim), dtype=np.float16)
@@ -193,10 +196,11 @@ def _write_shard(forward, dim: int, dataset, directory: Path, k: int, cfg: Featu
 
 class FeatureSplit:
     """A cached split: features (rows, pools, D) float16, memory-mapped, and each row's video, view, crop, label
-    and validity."""
+    and validity; ``records``: the split's videos, ``expected_views``: rows of a video when all are read."""
 
-    def __init__(self, directory: Path, num_shards: int):
+    def __init__(self, directory: Path, num_shards: int, records: list, expected_views: int):
         self.directory = directory
+        self.records, self.expected_views = records, expected_views
         self.shards = [np.load(shard_path(directory, k, ".npy"), mmap_mode="r") for k in range(num_shards)]
         metas = [json.loads(shard_path(directory, k, ".json").read_text()) for k in range(num_shards)]
         self.video = np.concatenate([np.asarray(m["video"], dtype=np.int64) for m in metas])

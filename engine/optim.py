@@ -38,6 +38,7 @@ __all__ = [
     "Schedules",
     "apply_schedules",
     "build_optimizer",
+    "optimizer_over",
 ]
 
 
@@ -323,7 +324,9 @@ def apply_schedules(optimizer: Any, step: int, schedules: Schedules) -> tuple[fl
     groups = optimizer.param_groups if hasattr(optimizer, "param_groups") else optimizer
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-        if _group_decays(group):
+        if "fixed_weight_decay" in group:  # a group with a weight decay of its own (one head of a probe grid)
+            group["weight_decay"] = group["fixed_weight_decay"]
+        elif _group_decays(group):
             group["weight_decay"] = wd
     return lr, wd
 
@@ -360,7 +363,12 @@ def build_optimizer(
     AdamW runs torch's fused kernel when CUDA is there (one launch for all tensors, instead of the foreach
     kernels per step); on the CPU the plain loop, with which the tests compare results bit for bit.
     """
-    groups = param_groups(model, cfg.weight_decay, layer_decay)
+    return optimizer_over(param_groups(model, cfg.weight_decay, layer_decay), cfg)
+
+
+def optimizer_over(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``cfg.name``'s optimizer over parameter groups built elsewhere (each with ``lr_scale`` and
+    ``use_weight_decay``, as ``param_groups`` makes them): see ``build_optimizer``."""
     for group in groups:
         group["lr"] = cfg.warmup_lr * group["lr_scale"]
     if cfg.name == "adamw":

@@ -13,7 +13,7 @@ onto it by name (``load_encoder_weights``). Single-device code: no distribution,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
