@@ -53,8 +53,9 @@ class ScoreAccumulator:
     def add_failures(self, failures: Iterable) -> None:
         """Record unreadable items: ``Failure(index, path, reason)`` objects (or 3-tuples) from ``collate_clips``."""
         for failure in failures:
-            index, path, reason = (failure.index, failure.path, failure.reason) if hasattr(failure, "index") \
-                else failure
+            # (a tuple has an ``index`` method too: test for the tuple)
+            index, path, reason = failure if isinstance(failure, tuple) else (failure.index, failure.path,
+                                                                              failure.reason)
             self.failures.append((int(index), str(path), str(reason)))
 
 
