@@ -11,6 +11,7 @@ and left out of every accuracy; it is never replaced by another video.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -20,35 +21,48 @@ from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import EvalClips, collate_clips, model_input
 from engine import preempt
 
-__all__ = ["ScoreAccumulator", "gather", "summarize", "score_views", "evaluate_clips"]
+__all__ = ["ScoreAccumulator", "gather", "summarize", "score_views", "evaluate_clips", "evaluate_columns"]
 
 
 class ScoreAccumulator:
     """Per-video sums of softmax probabilities and per-video view counts.
 
-    ``scores``: float64 (num_videos, num_classes); ``counts``: int64 (num_videos,);
-    ``failures``: list of (index, path, reason), one per failed item (a video may fail on several views).
+    ``scores``: float64 (num_videos, num_classes), or (num_videos, columns, num_classes) for several classifiers
+    scored on the same views (a grid of probes: ``column(j)`` is classifier j's accumulator); ``counts``: int64
+    (num_videos,); ``failures``: list of (index, path, reason), one per failed item (a video may fail on several
+    views).
     """
 
-    def __init__(self, num_videos: int, num_classes: int):
-        if num_videos < 1 or num_classes < 1:
-            raise ValueError(f"need at least one video and one class, got {num_videos} and {num_classes}")
+    def __init__(self, num_videos: int, num_classes: int, columns: Optional[int] = None):
+        if num_videos < 1 or num_classes < 1 or (columns is not None and columns < 1):
+            raise ValueError(f"need at least one video, one class and one column, got {num_videos}, {num_classes} "
+                             f"and {columns}")
         self.num_videos = num_videos
         self.num_classes = num_classes
-        self.scores = torch.zeros(num_videos, num_classes, dtype=torch.float64)
+        self.columns = columns
+        shape = (num_videos, num_classes) if columns is None else (num_videos, columns, num_classes)
+        self.scores = torch.zeros(shape, dtype=torch.float64)
         self.counts = torch.zeros(num_videos, dtype=torch.int64)
         self.failures: list[tuple[int, str, str]] = []
 
     def add(self, logits: torch.Tensor, video_index: torch.Tensor) -> None:
-        """Add views: ``logits`` (N, C), one row per view (crop); ``video_index`` (N,) the video of each row."""
+        """Add views: ``logits`` (N, C) -- (N, columns, C) with columns --, one row per view (crop);
+        ``video_index`` (N,) the video of each row."""
         logits = logits.detach().to("cpu", torch.float64)
         index = torch.as_tensor(video_index).to("cpu", torch.int64).reshape(-1)
-        if logits.ndim != 2 or logits.shape != (index.numel(), self.num_classes):
-            raise ValueError(f"logits {tuple(logits.shape)} do not match ({index.numel()}, {self.num_classes})")
+        if logits.shape != (index.numel(), *self.scores.shape[1:]):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match "
+                             f"{(index.numel(), *self.scores.shape[1:])}")
         if index.numel() and not (0 <= int(index.min()) and int(index.max()) < self.num_videos):
             raise ValueError(f"video index outside 0..{self.num_videos - 1}")
-        self.scores.index_add_(0, index, logits.softmax(dim=1))
+        self.scores.index_add_(0, index, logits.softmax(dim=-1))
         self.counts.index_add_(0, index, torch.ones_like(index))
+
+    def column(self, j: int) -> "ScoreAccumulator":
+        """Classifier ``j``'s scores, counts and failures, as an accumulator of one classifier."""
+        out = ScoreAccumulator(self.num_videos, self.num_classes)
+        out.scores, out.counts, out.failures = self.scores[:, j], self.counts, self.failures
+        return out
 
     def add_failures(self, failures: Iterable) -> None:
         """Record unreadable items: ``Failure(index, path, reason)`` objects (or 3-tuples) from ``collate_clips``."""
@@ -75,7 +89,7 @@ def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
     failures with all_gather_object (sorted, so the result does not depend on the split). Without a process
     group (or with one rank) it returns a copy of ``acc``.
     """
-    out = ScoreAccumulator(acc.num_videos, acc.num_classes)
+    out = ScoreAccumulator(acc.num_videos, acc.num_classes, acc.columns)
     out.scores, out.counts = acc.scores.clone(), acc.counts.clone()
     failures = list(acc.failures)
     if group_active():
@@ -156,22 +170,23 @@ def max_over_ranks(value: int) -> int:
 @torch.no_grad()
 def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, *, num_classes: int,
                 micro_batch: int, num_workers: int, device: torch.device, dtype: torch.dtype,
-                collective_forward: bool = False) -> ScoreAccumulator:
+                collective_forward: bool = False, columns: Optional[int] = None) -> ScoreAccumulator:
     """Score every view of ``dataset`` once, split over the ranks; returns the gathered accumulator (call on
     every rank).
 
     ``forward``: clips (B, C, T, H, W) of ``dtype``, normalized as ``dataset.cfg`` says, -> logits
-    (B, num_classes), in eval mode. Each rank takes its exact share of the items (no padding, so no view is
-    counted twice); per-video softmax sums are combined with collectives. ``collective_forward`` (ZeRO-3, whose
-    forward gathers parameters from every rank): ranks with fewer batches, or with a batch whose videos all
-    failed, run a forward on the dataset's blank item so that every rank calls it the same number of times.
+    (B, num_classes), or (B, columns, num_classes) for several classifiers at once (``columns``), in eval mode.
+    Each rank takes its exact share of the items (no padding, so no view is counted twice); per-video softmax
+    sums are combined with collectives. ``collective_forward`` (ZeRO-3, whose forward gathers parameters from
+    every rank): ranks with fewer batches, or with a batch whose videos all failed, run a forward on the dataset's
+    blank item so that every rank calls it the same number of times.
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
     sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
-    acc = ScoreAccumulator(len(dataset.records), num_classes)
+    acc = ScoreAccumulator(len(dataset.records), num_classes, columns)
     rounds = max_over_ranks(len(loader)) if collective_forward else len(loader)
     blank = model_input(collate_clips([dataset.blank_item()])["video"].to(device), dataset.cfg, dtype)
     batches = preempt.iterate(loader)  # validation runs during training: its workers must survive the signals
@@ -190,6 +205,18 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
 
 def evaluate_clips(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, **scoring) -> dict:
     """``summarize`` of ``score_views(forward, dataset, **scoring)`` against the dataset's labels and paths."""
+    return _summarize_dataset(score_views(forward, dataset, **scoring), dataset)
+
+
+def evaluate_columns(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, columns: int,
+                     **scoring) -> list[dict]:
+    """``evaluate_clips`` of a forward that gives (B, columns, num_classes): one summary per classifier, all from
+    one pass over the views."""
+    acc = score_views(forward, dataset, columns=columns, **scoring)
+    return [_summarize_dataset(acc.column(j), dataset) for j in range(columns)]
+
+
+def _summarize_dataset(acc: ScoreAccumulator, dataset: EvalClips) -> dict:
     records = dataset.records
-    return summarize(score_views(forward, dataset, **scoring), [r.label for r in records],
-                     [r.path for r in records], expected_views=dataset.views_per_video)
+    return summarize(acc, [r.label for r in records], [r.path for r in records],
+                     expected_views=dataset.views_per_video)

@@ -243,10 +243,36 @@ class CachedTrainViews(Dataset):
         row = self.rows[self.epoch % self.views, index]
         return {"features": torch.from_numpy(self.split.rows(np.array([row]))[0]), "label": int(self.labels[index])}
 
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch in one read (the DataLoader calls this instead of ``__getitem__`` per item): reading rows
+        one at a time cost more than training 32 heads on them."""
+        index = np.asarray(indices)
+        features = self.split.rows(self.rows[self.epoch % self.views, index])
+        return {"features": torch.from_numpy(features), "label": torch.from_numpy(self.labels[index]),
+                "failures": []}
 
-def collate_features(items: list[dict]) -> dict:
+
+def collate_features(items) -> dict:
+    """A batch of cached features: ``CachedTrainViews.__getitems__`` already made it (one read per batch); a list
+    of single items is stacked."""
+    if isinstance(items, dict):
+        return items
     return {"features": torch.stack([item["features"] for item in items]),
             "label": torch.tensor([item["label"] for item in items]), "failures": []}
+
+
+def head_param_groups(model: LinearHeadGrid, specs: list[HeadSpec], blr: float) -> list[dict]:
+    """One pair of optimizer groups per head: its weight with its own weight decay, its bias without; both at the
+    head's learning rate (``lr_scale`` = the head's base lr / ``blr``, the base lr the schedule runs at)."""
+    groups = []
+    for index, (spec, head) in enumerate(zip(specs, model.heads)):
+        scale = spec.lr / blr
+        groups.append({"params": [head.weight], "lr_scale": scale, "weight_decay": spec.weight_decay,
+                       "fixed_weight_decay": spec.weight_decay, "use_weight_decay": True,
+                       "name": f"head{index}.weight"})
+        groups.append({"params": [head.bias], "lr_scale": scale, "weight_decay": 0.0, "use_weight_decay": False,
+                       "name": f"head{index}.bias"})
+    return groups
 
 
 # ---- scoring ---------------------------------------------------------------------------------------------------
@@ -344,22 +370,25 @@ def choose_on_validation(val: list[dict]) -> int:
     return max(range(len(val)), key=lambda j: (val[j]["top1"], -j))
 
 
-def _entry(name: str, val: dict, test: dict, **extra) -> dict:
+def result_entry(name: str, val: dict, test: dict, **extra) -> dict:
     def short(summary: dict) -> dict:
         return {k: summary[k] for k in ("top1", "top5", "mean_class_accuracy", "num_scored", "num_videos")}
 
     return {"name": name, **extra, "val": short(val), "test": short(test)}
 
 
+# The methods a probe run reports, as probe_results.json names them, and their titles in probe_results.md.
+METHODS = {"linear": "Linear heads", "knn": "k-NN", "attentive": "Attentive probes"}
+
+
 def results_table(results: dict) -> str:
     """probe_results.md: one table per method, rows by validation top-1, the chosen row marked."""
     lines = [f"# Frozen-encoder probes of {results['encoder'] or 'a randomly initialised encoder'}", ""]
-    for method in ("linear", "knn"):
+    for method, title in METHODS.items():
         if method not in results:
             continue
         block = results[method]
-        lines += [f"## {'Linear heads' if method == 'linear' else 'k-NN'} (chosen on validation: "
-                  f"{block['chosen']['name']})", "",
+        lines += [f"## {title} (chosen on validation: {block['chosen']['name']})", "",
                   "| | setting | val top-1 | val top-5 | test top-1 | test top-5 |", "|---|---|---:|---:|---:|---:|"]
         rows = sorted(block["all"], key=lambda e: -e["val"]["top1"])
         for entry in rows:
@@ -411,17 +440,7 @@ class LinearProbeTask(Task):
                 "label": torch.zeros(size, dtype=torch.int64), "failures": []}
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        """One pair of groups per head: its weight with its own weight decay, its bias without; both at the head's
-        learning rate (``lr_scale`` = the head's lr / optim.blr)."""
-        groups = []
-        for index, (spec, head) in enumerate(zip(self.specs, self.model.heads)):
-            scale = spec.lr / self.cfg.optim.blr
-            groups.append({"params": [head.weight], "lr_scale": scale, "weight_decay": spec.weight_decay,
-                           "fixed_weight_decay": spec.weight_decay, "use_weight_decay": True,
-                           "name": f"head{index}.weight"})
-            groups.append({"params": [head.bias], "lr_scale": scale, "weight_decay": 0.0, "use_weight_decay": False,
-                           "name": f"head{index}.bias"})
-        return optimizer_over(groups, self.cfg.optim)
+        return optimizer_over(head_param_groups(self.model, self.specs, self.cfg.optim.blr), self.cfg.optim)
 
     def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
         return per_head_loss(engine(batch["features"]), batch["label"])
@@ -447,10 +466,10 @@ class LinearProbeTask(Task):
         """Export every head (weights.pt), then score the heads and k-NN on validation and the multi-view test,
         choose on validation, and write the results and the chosen head (rank 0)."""
         out = Path(output_dir)
-        step = export_final_weights(engine, out)
+        model = engine.module
+        step = export_final_weights(engine, out, buffers=dict(model.named_buffers()))
         if not is_main_process():
             return
-        model = engine.module
         results: dict[str, Any] = {"step": step, "encoder": self.cfg.model.init,
                                    "train_videos": len(self.train_set), "train_views": self.cfg.features.train_views,
                                    "unreadable": {s: [list(f) for f in split.failures]
@@ -458,8 +477,8 @@ class LinearProbeTask(Task):
         val, test = self.score(model, "val"), self.score(model, "test")
         chosen = choose_on_validation(val)
         results["linear"] = {
-            "chosen": _entry(self.specs[chosen].name, val[chosen], test[chosen], index=chosen),
-            "all": [_entry(s.name, v, t, pool=s.pool, lr=s.lr, weight_decay=s.weight_decay)
+            "chosen": result_entry(self.specs[chosen].name, val[chosen], test[chosen], index=chosen),
+            "all": [result_entry(s.name, v, t, pool=s.pool, lr=s.lr, weight_decay=s.weight_decay)
                     for s, v, t in zip(self.specs, val, test)]}
         head = {k: v.detach().float().cpu() for k, v in model.head_state(chosen).items()}
         checkpoint.export_weights(head, out / "best_head.pt")
@@ -470,8 +489,8 @@ class LinearProbeTask(Task):
             kval = score_videos(self.features["val"], knn, len(knn.names))
             ktest = score_videos(self.features["test"], knn, len(knn.names))
             best = choose_on_validation(kval)
-            results["knn"] = {"chosen": _entry(knn.names[best], kval[best], ktest[best], index=best),
-                              "all": [_entry(n, v, t, pool=p, k=k) for n, (p, k), v, t in
+            results["knn"] = {"chosen": result_entry(knn.names[best], kval[best], ktest[best], index=best),
+                              "all": [result_entry(n, v, t, pool=p, k=k) for n, (p, k), v, t in
                                       zip(knn.names, knn.specs, kval, ktest)]}
         write_text_atomic(out / "probe_results.json", json.dumps(results, indent=2) + "\n")
         write_text_atomic(out / "probe_results.md", results_table(results) + "\n")
@@ -480,8 +499,9 @@ class LinearProbeTask(Task):
 
 
 def describe_results(results: dict) -> str:
+    """One log line per method: the setting chosen on validation and its scores."""
     lines = []
-    for method in ("linear", "knn"):
+    for method in METHODS:
         if method in results:
             chosen = results[method]["chosen"]
             lines.append(f"{method}: chosen on validation {chosen['name']}: val top-1 {100 * chosen['val']['top1']:.2f}"

@@ -99,12 +99,14 @@ class Task:
         export_final_weights(engine, Path(output_dir))
 
 
-def export_final_weights(engine, out: Path, name: str = "weights.pt") -> int:
+def export_final_weights(engine, out: Path, name: str = "weights.pt",
+                         buffers: Optional[dict[str, torch.Tensor]] = None) -> int:
     """Write the whole fp32 weights of the newest complete checkpoint to ``out/name`` (rank 0; a collective under
-    ZeRO, so every rank calls it); returns that checkpoint's step."""
+    ZeRO, so every rank calls it), with ``buffers`` (fixed tensors the model needs besides its parameters); returns
+    that checkpoint's step."""
     step = checkpoint.latest_complete(out)
     weights = ds.consolidated_fp32_state_dict(engine, str(checkpoint.checkpoint_root(out)), checkpoint.step_tag(step))
     if is_main_process():
-        checkpoint.export_weights(weights, out / name)
+        checkpoint.export_weights({**weights, **(buffers or {})}, out / name)
         log.info("exported %s (load with torch.load(weights_only=True))", out / name)
     return step

@@ -66,14 +66,16 @@ class Sizes:
     t7: tuple = ("vit_huge", 32, (2, 4), 256)  # arch, frames, probe batches, largest batch verified (~15 s a step)
     loader: tuple = (16, 10.0, 2)  # workers, seconds measured per backend, corpus videos per resolution
     matmul: int = 8192
+    probe: tuple = (768, 400, 1024, 32, 10)  # feature width, classes, batch, heads, timed steps per round
 
 
 SMOKE = Sizes(frames=4, size=32, t1=("vit_debug", 2, 2), t2=("vit_debug", 2, 2),
               t3=(("pretrain", "vit_debug", 2), ("finetune", "vit_debug", 2)), steps=2, warmup=1,
-              t5=("vit_debug", 2), t7=("vit_debug", 4, (1, 2), 8), loader=(2, 2.0, 1), matmul=256)
+              t5=("vit_debug", 2), t7=("vit_debug", 4, (1, 2), 8), loader=(2, 2.0, 1), matmul=256,
+              probe=(64, 4, 64, 6, 2))
 
 # Share of the budget each benchmark may use (its child is stopped past it), in running order.
-SHARES = {"t1": 0.10, "t3": 0.24, "t2": 0.16, "t5": 0.10, "t7": 0.22, "loader": 0.18}
+SHARES = {"t1": 0.10, "t3": 0.24, "t2": 0.16, "t5": 0.10, "t7": 0.22, "loader": 0.18, "probe": 0.08}
 
 
 # ---- shared pieces --------------------------------------------------------------------------------------------
@@ -462,13 +464,22 @@ def bench_loader(sizes: Sizes, out: Path) -> dict:
     return result
 
 
+def bench_probe(sizes: Sizes, out: Path) -> dict:
+    """A grid of linear probe heads in one pass against one head, on the same cached features (DeepSpeed, SGD)."""
+    from run_scripts import bench_probe_grid
+
+    dim, classes, batch, heads, steps = sizes.probe
+    return bench_probe_grid.measure(dim, classes, batch, heads, rows=8 * batch, steps=steps, rounds=3)
+
+
 def _collate(items):
     from datasets.video_dataset import collate_clips
 
     return collate_clips(items)["video"]
 
 
-BENCHMARKS = {"t1": bench_t1, "t3": bench_t3, "t2": bench_t2, "t5": bench_t5, "t7": bench_t7, "loader": bench_loader}
+BENCHMARKS = {"t1": bench_t1, "t3": bench_t3, "t2": bench_t2, "t5": bench_t5, "t7": bench_t7, "loader": bench_loader,
+              "probe": bench_probe}
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
@@ -567,7 +578,7 @@ def summary(report: dict) -> str:
     for key, result in res.items():
         if "error" in result:
             lines.append(f"  {key}: FAILED - {result['error'].splitlines()[0][:150]}")
-    t1, t2, t3, t5, t7, loader = (res.get(k, {}) for k in ("t1", "t2", "t3", "t5", "t7", "loader"))
+    t1, t2, t3, t5, t7, loader, probe = (res.get(k, {}) for k in ("t1", "t2", "t3", "t5", "t7", "loader", "probe"))
     if "eta" in t1:
         line(f"T1 sparse encoder eta ({t1['arch']}, b{t1['batch']})", _fmt(t1["eta"]), ">= 0.9",
              f"speedup {t1['speedup']:.2f}x of FLOP ratio {t1['flop_ratio']:.2f}x")
@@ -596,6 +607,10 @@ def summary(report: dict) -> str:
         line(f"loader {loader['workers']} workers decord / pyav (clips/s)",
              f"{loader['decord_clips_per_s']:.0f}/{loader['pyav_clips_per_s']:.0f}", "",
              f"the ViT-B pre-training step consumes {_fmt(loader.get('pretrain_step_consumes_clips_per_s'), '.0f')}")
+    if "grid_over_one" in probe:
+        line(f"probe grid of {probe['heads']} heads / one head (D={probe['dim']}, C={probe['classes']})",
+             _fmt(probe["grid_over_one"]) + "x", f"<= {probe['target']:g}x",
+             f"{probe['grid_ms']:.1f} vs {probe['one_head_ms']:.1f} ms/step, batch {probe['batch']}")
     return "\n".join(lines)
 
 

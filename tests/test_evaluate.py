@@ -170,3 +170,21 @@ def test_two_ranks_give_the_same_summary_as_one_process(tmp_path):
         assert got["summary"] == expected
         assert torch.equal(got["counts"], single.counts)
         assert torch.allclose(got["scores"], single.scores, rtol=0, atol=1e-12)
+
+
+def test_columns_score_each_classifier_as_it_would_be_scored_alone():
+    """A grid of classifiers scored in one pass (logits (N, columns, C)): column j summarizes exactly as an
+    accumulator fed only classifier j's logits."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, 3, CLASSES, generator=generator) * 3
+    videos = torch.tensor([0, 0, 1, 1, 1, 2, 4, 4, 6])
+    together = ScoreAccumulator(NUM_VIDEOS, CLASSES, columns=3)
+    together.add(logits, videos)
+    together.add_failures([Failure(3, PATHS[3], "unreadable")])
+    for j in range(3):
+        alone = ScoreAccumulator(NUM_VIDEOS, CLASSES)
+        alone.add(logits[:, j], videos)
+        alone.add_failures([Failure(3, PATHS[3], "unreadable")])
+        assert summarize(together.column(j), LABELS, PATHS, 2) == summarize(alone, LABELS, PATHS, 2)
+    with pytest.raises(ValueError, match="do not match"):
+        together.add(logits[:, 0], videos)

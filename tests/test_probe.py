@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,8 @@ from engine.config import ConfigError
 from engine.evaluate import ScoreAccumulator, summarize
 from engine.features import FeatureConfig, FeatureSplit, extract_split, shard_path
 from engine.optim import OptimConfig, optimizer_over
-from engine.probe import KNN, KNNConfig, ProbeModelConfig, build_feature_encoder, choose_on_validation, score_videos
+from engine.probe import (KNN, KNNConfig, ProbeModelConfig, build_feature_encoder, choose_on_validation,
+                          head_param_groups, score_videos)
 from models.probe import (POOLS, AttentiveProbeGrid, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid,
                           per_head_loss)
 from models.videomae import PretrainModelConfig, VideoMAE
@@ -150,13 +150,9 @@ def test_heads_must_come_pool_by_pool():
 
 def _train(specs: list[HeadSpec], optim: OptimConfig, x: torch.Tensor, y: torch.Tensor) -> LinearHeadGrid:
     """A few steps of the probe's optimizer (its groups as LinearProbeTask builds them) on fixed batches."""
-    from engine.probe import LinearProbeTask
-
     grid = LinearHeadGrid(x.shape[-1], 4, POOLS, specs, seed=0)
     grid.set_standardization(x.mean(dim=0), x.var(dim=0))
-    task = LinearProbeTask.__new__(LinearProbeTask)
-    task.cfg, task.specs, task.model = type("C", (), {"optim": optim})(), specs, grid
-    optimizer = task.build_optimizer()
+    optimizer = optimizer_over(head_param_groups(grid, specs, optim.blr), optim)
     for step in range(6):
         for group in optimizer.param_groups:
             group["lr"] = 0.2 * group["lr_scale"]
@@ -429,3 +425,60 @@ def test_the_entry_point_refuses_a_checkpoint_without_an_encoder(tmp_path, data_
     grid_run, _, _ = stopped_and_resumed
     result = run(command(tmp_path / "bad", data_root, f"model.init={grid_run / 'best_head.pt'}"), expect=2)
     assert "holds no video ViT encoder" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---- the attentive probe ---------------------------------------------------------------------------------------
+
+
+def test_attentive_probes_trained_in_one_pass_are_the_probes_trained_alone():
+    from engine.attentive_probe import probe_param_groups
+
+    optim = OptimConfig(blr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, min_lr=0, warmup_lr=0)
+    generator = torch.Generator().manual_seed(0)
+    video, labels = torch.randn(4, 3, 4, 32, 32, generator=generator), torch.tensor([0, 1, 2, 3])
+
+    def trained(lrs):
+        torch.manual_seed(0)
+        grid = AttentiveProbeGrid(FeatureEncoder(tiny_vit(), last_k=1), len(lrs), 4).train()
+        optimizer = optimizer_over(probe_param_groups(grid, lrs, optim), optim)
+        for _ in range(3):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3 * group["lr_scale"]
+            optimizer.zero_grad()
+            per_head_loss(grid(video), labels).backward()
+            optimizer.step()
+        return grid
+
+    together, alone = trained([1e-3, 1e-2]), trained([1e-2])
+    for (name, a), b in zip(together.probes[1].named_parameters(), alone.probes[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.allclose(together.probes[0].head.weight, together.probes[1].head.weight)
+
+
+ATTENTIVE_SCRIPT = ROOT / "run_scripts" / "attentive_probe.py"
+ATTENTIVE_RECIPE = ROOT / "run_scripts" / "configs" / "attentive_probe" / "tiny_cpu.yaml"
+
+
+def test_the_attentive_probe_trains_only_its_probes_and_chooses_on_validation(tmp_path, data_root):
+    pretrain = randomize(VideoMAE(PretrainModelConfig(tiny_vit())))
+    torch.save({"model": pretrain.state_dict()}, tmp_path / "pretrained.pt")
+    out = tmp_path / "attentive"
+    run([sys.executable, str(ATTENTIVE_SCRIPT), "--config", str(ATTENTIVE_RECIPE), f"run.output_dir={out}",
+         f"data.root={data_root}", f"data.synthetic={SPEC}", "model.num_classes=4", "data.num_classes=4",
+         "model.encoder.num_frames=4", "model.encoder.img_size=32", "data.eval_augment.short_side=32",
+         "data.sampling_rate=2", "grid.lrs=[0.001,0.01]", "batch.micro_batch=8", "batch.num_workers=0",
+         "optim.epochs=2", "eval.every_epochs=1", f"model.init={tmp_path / 'pretrained.pt'}"])
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    for key, value in pretrain.encoder.state_dict().items():  # the encoder is exactly the checkpoint's: frozen
+        assert torch.equal(weights[f"backbone.encoder.{key}"], value), key
+    results = json.loads((out / "probe_results.json").read_text())["attentive"]
+    assert [e["name"] for e in results["all"]] == ["attentive lr=0.001", "attentive lr=0.01"]
+    assert results["chosen"]["val"]["top1"] == max(e["val"]["top1"] for e in results["all"])
+    assert all(e["test"]["num_scored"] == 8 for e in results["all"])
+    probe = torch.load(out / "best_probe.pt", weights_only=True)
+    chosen = results["chosen"]["index"]
+    assert set(probe) == {k.removeprefix(f"probes.{chosen}.") for k in weights if k.startswith(f"probes.{chosen}.")}
+    for key, value in probe.items():
+        assert torch.equal(value, weights[f"probes.{chosen}.{key}"]), key
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum("val_top1_best_probe" in m for m in metrics) == 2
