@@ -136,7 +136,11 @@ def test_ssv2_recipes_do_not_flip(path):
     assert not _load(path).data.train_augment.flip, f"{path.name}: SSv2 labels say left/right, flip must be off"
 
 
-@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=_id)
+# Recipes of the entry points that classify videos: fine-tuning and the probes.
+CLASSIFIER_RECIPES = [p for p in RECIPES if _folder(p) in ("finetune", "probe", "attentive_probe")]
+
+
+@pytest.mark.parametrize("path", CLASSIFIER_RECIPES, ids=_id)
 def test_num_classes_agree(path):
     cfg = _load(path)
     assert cfg.data.num_classes == cfg.model.num_classes, (
@@ -144,7 +148,7 @@ def test_num_classes_agree(path):
         f"model.num_classes={cfg.model.num_classes} (the head)")
 
 
-@pytest.mark.parametrize("path", FINETUNE_RECIPES, ids=_id)
+@pytest.mark.parametrize("path", CLASSIFIER_RECIPES, ids=_id)
 def test_test_views(path):
     cfg = _load(path)
     views = cfg.data.test_temporal_views * cfg.data.eval_augment.num_spatial_views
@@ -226,3 +230,43 @@ def test_ava_encoder_matches_its_kinetics_pretraining(path):
     detector, pretrained = _load(path).model.encoder, _load(pretrain).model.encoder
     for name in WEIGHT_SHAPING_FIELDS:
         assert getattr(detector, name) == getattr(pretrained, name), f"{path.name}: model.encoder.{name}"
+
+
+PROBE_PAPER_RECIPES = [p for p in PAPER_RECIPES if _folder(p) in ("probe", "attentive_probe")]
+
+
+def test_every_dataset_and_size_has_probe_recipes():
+    for folder in ("probe", "attentive_probe"):
+        names = {(_paper_name(p)["size"], _paper_name(p)["dataset"]) for p in PROBE_PAPER_RECIPES if _folder(p) == folder}
+        assert names == {(size, dataset) for size in ARCH_OF_SIZE for dataset in CLASSES_OF_DATASET}, folder
+
+
+@pytest.mark.parametrize("path", PROBE_PAPER_RECIPES, ids=_id)
+def test_probe_recipes_follow_their_protocol(path):
+    """Linear probes: VideoMAE Table 11 (SGD, momentum 0.9, wd 0, base lr 0.1 among the grid's, batch 1024 on 4
+    GPUs, warmup 10, 100 epochs, multi-scale crops). Attentive probes: V-JEPA (AdamW, lr 0.001 at batch 256 on 8
+    GPUs among the grid's, wd 0.01, no warmup, 20 epochs, random resized crops of area 0.3-1). Both: the dataset's
+    classes, the fine-tuning recipe's multi-view test, the encoder of the pre-training of the same name."""
+    name, cfg = _paper_name(path), _load(path)
+    dataset, optim = name["dataset"], cfg.optim
+    assert cfg.model.num_classes == CLASSES_OF_DATASET[dataset] and not cfg.model.init
+    if _folder(path) == "probe":
+        gpus, batch, protocol = 4, 1024, ("sgd", 0.0, 10, 100, 0.1, "multi_scale")
+        assert optim.momentum == 0.9 and cfg.knn.enabled
+    else:
+        gpus, batch, protocol = 8, 256, ("adamw", 0.01, 0, 20, 1e-3, "random_resized")
+        assert cfg.data.train_augment.rrc_scale == (0.3, 1.0)
+    assert cfg.batch.micro_batch * cfg.batch.grad_accum * gpus == batch and optim.lr is None
+    name_, wd, warmup, epochs, lr, augment = protocol
+    assert (optim.name, optim.weight_decay, optim.warmup_epochs, optim.epochs) == (name_, wd, warmup, epochs)
+    assert lr in cfg.grid.lrs and optim.min_lr == 0 and cfg.data.train_augment.kind == augment
+    finetune = _load(CONFIGS / "finetune" / path.name) if (CONFIGS / "finetune" / path.name).exists() else None
+    assert cfg.data.eval_augment.num_spatial_views == 3
+    assert cfg.data.test_temporal_views == (2 if dataset == "ssv2" else 5)
+    assert cfg.data.sampling == ("segments" if dataset == "ssv2" else "dense")
+    if finetune is not None:
+        assert (cfg.data.train_list, cfg.data.val_list) == (finetune.data.train_list, finetune.data.val_list)
+    pretrain = CONFIGS / "pretrain" / path.name
+    if pretrain.exists():
+        for field in WEIGHT_SHAPING_FIELDS + ("num_frames", "img_size"):
+            assert getattr(cfg.model.encoder, field) == getattr(_load(pretrain).model.encoder, field), field
