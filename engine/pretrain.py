@@ -17,6 +17,7 @@ from datasets.video_dataset import DataConfig, collate_clips, model_input
 from engine import ds
 from engine.config import BatchConfig
 from engine.data import train_clips
+from engine.knn_monitor import KNNMonitor, KNNMonitorConfig
 from engine.dist import is_main_process
 from engine.loop import RunConfig
 from engine.metrics import read_metrics
@@ -38,6 +39,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer, lr and its schedule
     ds: ds.DeepSpeedConfig = field(default_factory=ds.DeepSpeedConfig)  # ZeRO stage and precision (the template)
     run: RunConfig = field(default_factory=RunConfig)  # output directory, seed, logging, checkpoints
+    knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)  # optional k-NN accuracy every few epochs
 
 
 def build_model_and_masks(cfg: PretrainConfig):
@@ -57,6 +59,7 @@ class PretrainTask(Task):
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
         self.model, self.masks = build_model_and_masks(cfg)
         self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
+        self.knn = KNNMonitor(cfg.knn, cfg.data, cfg.model.encoder, cfg.optim.epochs) if cfg.knn.every_epochs else None
 
     def _inputs(self, engine, video_uint8: torch.Tensor, generator: torch.Generator):
         # float32 whatever the engine's precision: the model casts the clip to its weights' dtype itself, and
@@ -81,7 +84,15 @@ class PretrainTask(Task):
         every = self.cfg.run.vis_every_epochs
         if every and epoch % every == 0:
             self.save_pictures(engine, Path(output_dir) / "vis" / f"epoch_{epoch:04d}.png")
-        return None
+        if self.knn is None or not self.knn.due(epoch):
+            return None
+        engine.eval()
+        try:
+            result = self.knn(engine.module.encoder, engine.device, ds.input_dtype(engine))
+        finally:
+            engine.train()
+        log.info("epoch %d k-NN (k=%d) top-1 %.2f", epoch, self.cfg.knn.k, 100 * result["knn_top1"])
+        return result
 
     def save_pictures(self, engine, path: Path) -> None:
         """Reconstructions of the first training videos under fixed masks. Every rank runs the forward (ZeRO-3

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from datasets.files import write_text_atomic
@@ -325,35 +326,44 @@ def score_videos(split: FeatureSplit, probabilities: Callable[[np.ndarray], torc
              "num_scored": scored, "unscored": unscored, "partially_scored": partial} for j in range(num_columns)]
 
 
+def knn_probabilities(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks: list[int],
+                      temperature: float, num_classes: int) -> list[torch.Tensor]:
+    """Weighted k-NN votes, one (n, num_classes) tensor of class probabilities per k: the cosine similarities of
+    the queries (n, D) to the bank (N, D) (both L2-normalized), the top k voting for their labels with weights
+    exp(similarity / temperature), normalized to sum to 1 (DINO's and VIMPAC's monitor)."""
+    k_max = min(max(ks), bank.shape[0])
+    similarity, index = (queries @ bank.T).topk(k_max, dim=1)  # (n, k_max)
+    weights = (similarity.double() / temperature).exp()
+    votes_of = bank_labels[index]
+    out = []
+    for k in ks:
+        k = min(k, k_max)
+        votes = torch.zeros(len(queries), num_classes, device=queries.device, dtype=torch.float64)
+        votes.scatter_add_(1, votes_of[:, :k], weights[:, :k])
+        out.append(votes / votes.sum(dim=1, keepdim=True))
+    return out
+
+
 class KNN:
-    """k-NN over the cached training features: cosine similarity to every training clip (all views), the top k
-    voting for their classes with weights exp(similarity / temperature); a clip's class probabilities are its
-    normalized votes. One column per (pooled feature, k)."""
+    """k-NN over the cached training features (every view of every readable clip is in the bank): one column per
+    (pooled feature, k), as ``knn_probabilities`` scores it."""
 
     def __init__(self, train: FeatureSplit, pools: list[str], cfg: KNNConfig, num_classes: int,
                  device: torch.device):
         rows = np.flatnonzero(train.valid)
-        self.pools = list(range(len(pools)))
         self.names = [f"{pool} k={k}" for pool in pools for k in cfg.ks]
         self.specs = [(pool, k) for pool in pools for k in cfg.ks]
         self.ks, self.temperature, self.num_classes = list(cfg.ks), cfg.temperature, num_classes
         features = torch.from_numpy(train.rows(rows)).to(device)  # (N, P, D)
-        self.bank = torch.nn.functional.normalize(features, dim=-1).transpose(0, 1).contiguous()  # (P, N, D)
+        self.bank = F.normalize(features, dim=-1).transpose(0, 1).contiguous()  # (P, N, D)
         self.labels = torch.from_numpy(train.label[rows]).to(device)
 
     def __call__(self, features: np.ndarray) -> torch.Tensor:
-        queries = torch.nn.functional.normalize(torch.from_numpy(features).to(self.bank.device), dim=-1)
+        queries = F.normalize(torch.from_numpy(features).to(self.bank.device), dim=-1)
         columns = []
-        k_max = min(max(self.ks), self.bank.shape[1])
-        for p in self.pools:
-            similarity, index = (queries[:, p] @ self.bank[p].T).topk(k_max, dim=1)  # (n, k_max)
-            weights = (similarity / self.temperature).exp()
-            votes_of = self.labels[index]
-            for k in self.ks:
-                k = min(k, k_max)
-                votes = torch.zeros(len(queries), self.num_classes, device=queries.device, dtype=torch.float64)
-                votes.scatter_add_(1, votes_of[:, :k], weights[:, :k].double())
-                columns.append(votes / votes.sum(dim=1, keepdim=True))
+        for p in range(self.bank.shape[0]):
+            columns += knn_probabilities(self.bank[p], self.labels, queries[:, p], self.ks, self.temperature,
+                                         self.num_classes)
         return torch.stack(columns, dim=1)
 
 

@@ -61,10 +61,10 @@ def data_root(tmp_path_factory):
 
 
 def data_config(root: Path, **overrides) -> DataConfig:
-    overrides = {"train_list": str(root / "train.csv"), "val_list": str(root / "val.csv"), **overrides}
+    overrides = {"train_list": str(root / "train.csv"), "val_list": str(root / "val.csv"),
+                 "eval_augment": AugmentConfig(kind="eval", short_side=32, num_spatial_views=3), **overrides}
     return DataConfig(root=str(root), num_classes=4, test_temporal_views=2, sampling_rate=2,
-                      train_augment=AugmentConfig(kind="multi_scale", flip=False),
-                      eval_augment=AugmentConfig(kind="eval", short_side=32, num_spatial_views=3), **overrides)
+                      train_augment=AugmentConfig(kind="multi_scale", flip=False), **overrides)
 
 
 # ---- pooled features -------------------------------------------------------------------------------------------
@@ -482,3 +482,41 @@ def test_the_attentive_probe_trains_only_its_probes_and_chooses_on_validation(tm
         assert torch.equal(value, weights[f"probes.{chosen}.{key}"]), key
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum("val_top1_best_probe" in m for m in metrics) == 2
+
+
+# ---- the k-NN monitor of pre-training --------------------------------------------------------------------------
+
+
+def test_pretraining_logs_a_knn_accuracy_that_an_independent_knn_of_its_weights_reproduces(tmp_path, data_root):
+    out = tmp_path / "pretrain"
+    run([sys.executable, str(ROOT / "run_scripts" / "pretrain.py"), "--config",
+         str(ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"), f"run.output_dir={out}",
+         f"data.root={data_root}", f"data.synthetic={SPEC}", "model.encoder.num_frames=4", "model.encoder.img_size=32",
+         "data.sampling_rate=2", "data.eval_augment.short_side=32", "batch.micro_batch=8", "batch.num_workers=0",
+         "optim.epochs=2", "optim.warmup_epochs=1", "run.vis_every_epochs=0", "run.save_every_epochs=1",
+         "knn.every_epochs=1", "knn.k=5"])
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r["knn_top1"] for r in logged if "knn_top1" in r]
+    assert len(knn) == 2 and all(r["knn_unreadable"] == 0 for r in logged if "knn_top1" in r)
+    # the last epoch's monitor read the final weights: a brute-force k-NN of those weights gives its accuracy
+    encoder = FeatureEncoder(tiny_vit(), last_k=1)
+    encoder.load(torch.load(out / "weights.pt", weights_only=True))
+    encoder.eval()
+    data = data_config(data_root, subtract_clip_mean=True, eval_augment=AugmentConfig(kind="eval", short_side=32))
+    features = {}
+    for split in ("train", "val"):
+        clips = EvalClips(load_records(data, split), data, clip_len=4, size=32, temporal_views=1)
+        rows = [clips[i] for i in range(len(clips))]
+        with torch.no_grad():
+            pooled = encoder.pooled(model_input(torch.cat([r["video"] for r in rows]), data), ["norm_mean"])[:, 0]
+        features[split] = (pooled.numpy(), np.array([r["label"] for r in rows]))
+    (bank, bank_labels), (queries, labels) = features["train"], features["val"]
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    correct = 0
+    for query, label in zip(queries / np.linalg.norm(queries, axis=1, keepdims=True), labels):
+        sims = bank @ query
+        votes = np.zeros(4)
+        for i in np.argsort(-sims)[:5]:
+            votes[bank_labels[i]] += np.exp(sims[i] / 0.07)
+        correct += int(votes.argmax() == label)
+    assert knn[-1] == pytest.approx(correct / len(labels))

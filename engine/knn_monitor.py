@@ -1,0 +1,122 @@
+"""A k-NN accuracy of the encoder during pre-training: the quick monitor VIMPAC used, on a small labelled list.
+
+Every ``every_epochs`` epochs the encoder (in eval mode, no gradients) reads one centre clip of every video of a
+labelled bank list and of a query list; each query takes the class vote of its k nearest bank clips (cosine
+similarity of the mean of the encoder's final-norm tokens, votes weighted by exp(similarity / temperature)). The
+top-1 accuracy is logged with the epoch's metrics (``eval/knn_top1``). Videos that cannot be read are left out and
+counted (``eval/knn_unreadable``). The clips are split over the ranks, every rank running the same number of
+forwards (ZeRO-3 gathers parameters in each), and the features gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from datasets.video_dataset import DataConfig, EvalClips, collate_clips, model_input
+from engine.config import require
+from engine.data import read_split
+from engine.evaluate import group_active
+from models.vit import ViTConfig
+
+log = logging.getLogger("knn")
+
+
+@dataclass
+class KNNMonitorConfig:
+    # score k-NN of the encoder every this many epochs (and after the last); 0 = never
+    every_epochs: int = 0
+    # labelled list of the bank (data.format, relative to data.root); "" = data.train_list
+    train_list: str = ""
+    # labelled list of the queries; "" = data.val_list
+    val_list: str = ""
+    # neighbours that vote
+    k: int = 20
+    # temperature of the vote weights
+    temperature: float = 0.07
+    # clips per forward
+    micro_batch: int = 16
+
+    def __post_init__(self) -> None:
+        require(self.every_epochs >= 0, f"every_epochs must be >= 0, got {self.every_epochs}")
+        require(self.k >= 1 and self.micro_batch >= 1, f"k and micro_batch must be >= 1, got {self.k}, "
+                f"{self.micro_batch}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+
+
+class KNNMonitor:
+    """The bank and query clips of a ``KNNMonitorConfig``, read when first needed, and the accuracy of an encoder
+    on them."""
+
+    def __init__(self, cfg: KNNMonitorConfig, data: DataConfig, encoder: ViTConfig, epochs: int):
+        self.cfg, self.epochs = cfg, epochs
+        eval_augment = dataclasses.replace(data.eval_augment, num_spatial_views=1)
+        self.data = dataclasses.replace(data, train_list=cfg.train_list or data.train_list,
+                                        val_list=cfg.val_list or data.val_list, test_list="",
+                                        eval_augment=eval_augment)
+        self.clip_len, self.size = encoder.num_frames, encoder.img_size
+        self._sets: Optional[tuple[EvalClips, EvalClips]] = None
+
+    def due(self, epoch: int) -> bool:
+        every = self.cfg.every_epochs
+        return bool(every) and (epoch % every == 0 or epoch >= self.epochs)
+
+    def _clips(self) -> tuple[EvalClips, EvalClips]:
+        if self._sets is None:
+            self._sets = tuple(EvalClips(read_split(self.data, split), self.data, clip_len=self.clip_len,
+                                         size=self.size, temporal_views=1) for split in ("train", "val"))
+            if any(r.label is None or r.label < 0 for s in self._sets for r in s.records):
+                raise ValueError("the k-NN monitor needs labelled lists (knn.train_list / knn.val_list)")
+        return self._sets
+
+    @torch.no_grad()
+    def _features(self, encoder: torch.nn.Module, dataset: EvalClips, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(features (n, D) L2-normalized, labels (n,), unreadable videos) of every readable clip, on every rank."""
+        world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
+        batch = self.cfg.micro_batch
+        rounds = math.ceil(len(dataset) / (batch * world))
+        features, labels, failed = [], [], 0
+        blank = model_input(collate_clips([dataset.blank_item()])["video"].to(device), self.data, dtype)
+        for r in range(rounds):
+            start = (r * world + rank) * batch
+            items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+            collated = collate_clips(items) if items else None
+            if collated is None or collated["video"] is None:
+                encoder.forward_features(blank)  # every rank runs the same forwards (ZeRO-3 gathers in them)
+                failed += len(collated["failures"]) if collated else 0
+                continue
+            failed += len(collated["failures"])
+            video = model_input(collated["video"].to(device), self.data, dtype)
+            features.append(F.normalize(encoder.forward_features(video).float().mean(dim=1), dim=-1).cpu())
+            labels.append(collated["label"])
+        mine = (torch.cat(features) if features else torch.zeros(0, encoder.embed_dim),
+                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64), failed)
+        parts = [mine]
+        if group_active():
+            parts = [None] * world
+            dist.all_gather_object(parts, mine)
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum(p[2] for p in parts))
+
+    def __call__(self, encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 num_classes: Optional[int] = None) -> dict:
+        """``{"knn_top1", "knn_unreadable"}`` of ``encoder`` (a ViT whose ``forward_features`` gives the final-norm
+        tokens); call on every rank, in eval mode."""
+        from engine.probe import knn_probabilities
+
+        bank_set, query_set = self._clips()
+        bank, bank_labels, bank_failed = self._features(encoder, bank_set, device, dtype)
+        queries, labels, query_failed = self._features(encoder, query_set, device, dtype)
+        if not len(bank) or not len(queries):
+            raise ValueError("the k-NN monitor could not read any bank or query video")
+        classes = num_classes or int(max(bank_labels.max(), labels.max())) + 1
+        (probs,) = knn_probabilities(bank, bank_labels, queries, [self.cfg.k], self.cfg.temperature, classes)
+        top1 = (probs.argmax(dim=1) == labels).double().mean().item()
+        return {"knn_top1": top1, "knn_unreadable": bank_failed + query_failed}
