@@ -225,22 +225,27 @@ def test_the_main_job_runs_the_whole_story_and_prints_the_table(tmp_path, data_r
                  "--set=optim.warmup_epochs=1"]
     finetune_only = ["model.num_classes=4", "data.num_classes=4", "eval.every_epochs=1"]
     detect_only = [f"data.root={tmp_path / 'ava'}", "data.synthetic.num_videos=12", "data.synthetic.num_val_videos=4"]
+    probe_only = ["model.num_classes=4", "data.num_classes=4", "features.train_views=1", "features.shard_items=64"]
     out = tmp_path / "demo"
     result = run([sys.executable, str(ROOT / "run_scripts" / "transfer_demo.py"), "--out", str(out),
-                  "--pretrain-epochs", "1", "--finetune-epochs", "1", "--detect-epochs", "1", *overrides,
-                  *(f"--finetune-set={o}" for o in finetune_only), *(f"--detect-set={o}" for o in detect_only)],
+                  "--pretrain-epochs", "1", "--finetune-epochs", "1", "--probe-epochs", "1", "--detect-epochs", "1",
+                  *overrides, *(f"--finetune-set={o}" for o in finetune_only),
+                  *(f"--probe-set={o}" for o in probe_only), *(f"--detect-set={o}" for o in detect_only)],
                  timeout=900)
     summary = (out / "summary.md").read_text()
     assert summary in result.stdout
-    classification, detection = summary.split("Synthetic AVA action detection")
-    for table, all_scored in ((classification, r"\| 8/8 \|$"), (detection, r"\| ([1-9]\d*)/\1 \|$")):
-        rows = [line for line in table.splitlines() if line.startswith(("| pre-trained", "| scratch"))]
+    classification, rest = summary.split("Frozen encoder")
+    probes, detection = rest.split("Synthetic AVA action detection")
+    for table, all_scored, second in ((classification, r"\| 8/8 \|$", "| scratch"),
+                                      (probes, r"\| 8/8 \|$", "| random initialisation"),
+                                      (detection, r"\| ([1-9]\d*)/\1 \|$", "| scratch")):
+        rows = [line for line in table.splitlines() if line.startswith(("| pre-trained", second))]
         assert len(rows) == 2 and all(re.search(all_scored, line) for line in rows), table
-    for task in ("finetune", "detect"):
+    for task, other in (("finetune", "scratch"), ("probe", "random"), ("detect", "scratch")):
         configs = {init: yaml.safe_load((out / f"{task}_{init}" / "config.yaml").read_text())
-                   for init in ("pretrained", "scratch")}
+                   for init in ("pretrained", other)}
         assert configs["pretrained"]["model"]["init"] == str(out / "pretrain" / "weights.pt")
-        assert not configs["scratch"]["model"]["init"]
+        assert not configs[other]["model"]["init"]
     assert configs["scratch"]["data"]["root"] == str(tmp_path / "ava")  # the detection data, not the --set one
 
 
