@@ -80,21 +80,32 @@ def shard_complete(directory: Path, k: int) -> bool:
 
 
 class _Positioned(Dataset):
-    """``dataset``'s items ``items[i]`` as (i, item): the position tells the row an item's clips go to, also for
-    an item that could not be read."""
+    """``dataset``'s item i as (i, item): the position tells the row an item's clips go to, also for an item that
+    could not be read."""
 
-    def __init__(self, dataset: Dataset, items: range):
-        self.dataset, self.items = dataset, items
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.dataset)
 
     def __getitem__(self, i: int):
-        return i, self.dataset[self.items[i]]
+        return i, self.dataset[i]
 
 
 def _keep_positions(batch: list):
     return batch
+
+
+def _shard_batches(shards: list[int], size: int, cfg: FeatureConfig, per_item: int) -> list[list[int]]:
+    """The item batches of ``shards``, in order, none spanning two shards: a shard is computed in the same batches
+    whichever rank computes it (batch composition can change a kernel's rounding)."""
+    step = max(1, cfg.micro_batch // per_item)
+    batches = []
+    for k in shards:
+        items = range(k * cfg.shard_items, min((k + 1) * cfg.shard_items, size))
+        batches += [list(items[i:i + step]) for i in range(0, len(items), step)]
+    return batches
 
 
 def _check_spec(directory: Path, spec: dict) -> None:
@@ -134,10 +145,17 @@ def extract_split(forward: Callable[[torch.Tensor], torch.Tensor], dim: int, dat
     if done < num_shards:
         log.info("%s: extracting %d of %d shards (%d clips per item)", directory, num_shards - done, num_shards,
                  per_item)
-    for first in range(0, num_shards, world):
+    rounds = range(0, num_shards, world)
+    mine = [first + rank for first in rounds if first + rank < num_shards]
+    todo = [k for k in mine if not shard_complete(directory, k)]
+    # One loader for all of this rank's shards: its workers start once, not once per shard.
+    loader = DataLoader(_Positioned(dataset), batch_sampler=_shard_batches(todo, len(dataset), cfg, per_item),
+                        collate_fn=_keep_positions, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    batches = preempt.iterate(loader) if todo else iter(())
+    for first in rounds:
         k = first + rank
-        if k < num_shards and not shard_complete(directory, k):
-            _write_shard(forward, dim, dataset, directory, k, cfg, to_input, device, per_item)
+        if k in todo:
+            _write_shard(forward, dim, batches, directory, k, len(dataset), cfg, to_input, device, per_item)
             if on_shard is not None:
                 on_shard(k)
         request = guard.poll()  # the same rounds on every rank: a collective
@@ -151,20 +169,20 @@ def extract_split(forward: Callable[[torch.Tensor], torch.Tensor], dim: int, dat
 
 
 @torch.inference_mode()
-def _write_shard(forward, dim: int, dataset, directory: Path, k: int, cfg: FeatureConfig, to_input,
+def _write_shard(forward, dim: int, batches, directory: Path, k: int, size: int, cfg: FeatureConfig, to_input,
                  device: torch.device, per_item: int) -> None:
+    """Take shard ``k``'s batches from ``batches`` (the loader of ``_shard_batches``), compute and write it."""
     start = time.perf_counter()
-    items = range(k * cfg.shard_items, min((k + 1) * cfg.shard_items, len(dataset)))
-    loader = DataLoader(_Positioned(dataset, items), batch_size=max(1, cfg.micro_batch // per_item),
-                        collate_fn=_keep_positions, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())
-    rows = len(items) * per_item
+    first, stop = k * cfg.shard_items, min((k + 1) * cfg.shard_items, size)
+    rows = (stop - first) * per_item
     features = np.zeros((rows, len(cfg.pools), dim), dtype=np.float16)
     meta = {"video": [-1] * rows, "view": [0] * rows, "crop": [0] * rows, "label": [-1] * rows,
             "valid": [False] * rows}
     failures: list[list] = []
-    clips = 0
-    for batch in preempt.iterate(loader):
+    clips, seen = 0, 0
+    while seen < stop - first:
+        batch = [(i - first, item) for i, item in next(batches)]
+        seen += len(batch)
         good = [(i, item) for i, item in batch if not isinstance(item, Failure)]
         for i, item in batch:
             if isinstance(item, Failure):

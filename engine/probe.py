@@ -332,7 +332,10 @@ def knn_probabilities(bank: torch.Tensor, bank_labels: torch.Tensor, queries: to
     the queries (n, D) to the bank (N, D) (both L2-normalized), the top k voting for their labels with weights
     exp(similarity / temperature), normalized to sum to 1 (DINO's and VIMPAC's monitor)."""
     k_max = min(max(ks), bank.shape[0])
-    similarity, index = (queries @ bank.T).topk(k_max, dim=1)  # (n, k_max)
+    # queries a few at a time: the similarities to a bank of a million clips are 4 MB per query
+    step = max(1, 2**28 // bank.shape[0])
+    parts = [(q.to(bank.dtype) @ bank.T).float().topk(k_max, dim=1) for q in queries.split(step)]
+    similarity, index = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])  # (n, k_max)
     weights = (similarity.double() / temperature).exp()
     votes_of = bank_labels[index]
     out = []
@@ -350,13 +353,14 @@ class KNN:
 
     def __init__(self, train: FeatureSplit, pools: list[str], cfg: KNNConfig, num_classes: int,
                  device: torch.device):
-        rows = np.flatnonzero(train.valid)
         self.names = [f"{pool} k={k}" for pool in pools for k in cfg.ks]
         self.specs = [(pool, k) for pool in pools for k in cfg.ks]
         self.ks, self.temperature, self.num_classes = list(cfg.ks), cfg.temperature, num_classes
-        features = torch.from_numpy(train.rows(rows)).to(device)  # (N, P, D)
-        self.bank = F.normalize(features, dim=-1).transpose(0, 1).contiguous()  # (P, N, D)
-        self.labels = torch.from_numpy(train.label[rows]).to(device)
+        # float16 on a GPU (a million clips x 3 features x 1280 wide fits), float32 on the CPU (no fast fp16 there)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        chunks = [F.normalize(torch.from_numpy(chunk).to(device), dim=-1).to(dtype) for _, chunk in train.chunks()]
+        self.bank = torch.cat(chunks).transpose(0, 1).contiguous()  # (P, N, D), L2-normalized
+        self.labels = torch.from_numpy(train.label[train.valid]).to(device)
 
     def __call__(self, features: np.ndarray) -> torch.Tensor:
         queries = F.normalize(torch.from_numpy(features).to(self.bank.device), dim=-1)
