@@ -30,7 +30,7 @@ from engine.config import BatchConfig, require
 from engine.data import train_clips
 from engine.dist import is_main_process
 from engine.evaluate import evaluate_columns
-from engine.finetune import multiview_test_set, validation_set
+from engine.finetune import EvalConfig, multiview_test_set, validation_set
 from engine.loop import RunConfig
 from engine.optim import OptimConfig, optimizer_over, param_groups
 from engine.probe import (ProbeModelConfig, build_feature_encoder, choose_on_validation, describe_results,
@@ -57,20 +57,6 @@ class AttentiveGridConfig:
         require(bool(self.lrs) and all(lr > 0 for lr in self.lrs), f"lrs must be positive numbers, got {self.lrs}")
 
 
-@dataclass
-class AttentiveEvalConfig:
-    # validate every probe (one clip, one centre crop per video) every this many epochs and after the last; 0 = never
-    every_epochs: int = 5
-    # test items per rank and forward; an item is one temporal view cut into eval_augment's spatial crops
-    micro_batch: int = 4
-    # score every probe on validation and the multi-view test after training, and choose on validation
-    final_test: bool = True
-
-    def __post_init__(self) -> None:
-        require(self.every_epochs >= 0 and self.micro_batch >= 1,
-                f"every_epochs must be >= 0 and micro_batch >= 1, got {self.every_epochs}, {self.micro_batch}")
-
-
 def _attentive_optim() -> OptimConfig:
     # V-JEPA: AdamW, lr 0.001 at batch 256 from the first step (no warmup), cosine to 0, weight decay 0.01, 20 epochs
     return OptimConfig(blr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, epochs=20, warmup_epochs=0, min_lr=0.0,
@@ -87,7 +73,7 @@ class AttentiveProbeConfig:
     model: AttentiveModelConfig = field(default_factory=AttentiveModelConfig)  # frozen encoder, probe, classes
     data: DataConfig = field(default_factory=_attentive_data)  # video lists, clip sampling, augmentation
     grid: AttentiveGridConfig = field(default_factory=AttentiveGridConfig)  # the probes trained in one pass
-    eval: AttentiveEvalConfig = field(default_factory=AttentiveEvalConfig)  # validation and the final test
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation of every probe and the final test
     batch: BatchConfig = field(default_factory=BatchConfig)  # videos per rank and micro-step, workers
     optim: OptimConfig = field(default_factory=_attentive_optim)  # AdamW and its schedule
     ds: ds.DeepSpeedConfig = field(default_factory=ds.DeepSpeedConfig)  # ZeRO stage and precision

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import AugmentedViews, DataConfig, EvalClips, TrainClips, load_records, model_input
 from engine.config import ConfigError
@@ -29,6 +28,7 @@ from models.probe import (POOLS, AttentiveProbeGrid, FeatureEncoder, HeadSpec, L
                           per_head_loss)
 from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
+from test_finetune import data_root  # noqa: F401  (fixture: synthetic videos, a list with a corrupt one)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_scripts" / "probe.py"
@@ -48,16 +48,6 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     return model
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
-    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
-    lines = (root / "val.csv").read_text().splitlines()
-    (root / "val_with_broken.csv").write_text("\n".join(lines[:3] + ["broken.mp4 1"] + lines[3:]) + "\n")
-    return root
 
 
 def data_config(root: Path, **overrides) -> DataConfig:
@@ -321,12 +311,12 @@ def test_cached_features_equal_a_direct_forward_and_survive_a_crash(tmp_path, da
 
 
 def test_unreadable_test_videos_are_named_and_left_unscored(tmp_path, data_root, tiny_encoder):
-    data = data_config(data_root, val_list=str(data_root / "val_with_broken.csv"))
+    data = data_config(data_root, val_list=str(data_root / "test_with_broken.csv"))
     test = EvalClips(load_records(data, "val")[:6], data, clip_len=4, size=32)  # 2 temporal x 3 spatial views
     split = extract(tmp_path / "test", test, tiny_encoder.pooled, data)
     assert len(split) == 6 * 2 * 3 and split.expected_views == 6
-    assert [f[1] for f in split.failures] == [str(data_root / "broken.mp4")]
-    assert not split.valid[18:24].any() and split.valid[:18].all() and split.valid[24:].all()
+    assert [f[1] for f in split.failures] == [str(data_root / "broken.mp4")]  # the fifth video
+    assert not split.valid[24:30].any() and split.valid[:24].all() and split.valid[30:].all()
     assert list(split.crop[:6]) == [0, 1, 2, 0, 1, 2] and list(split.view[:6]) == [0, 0, 0, 1, 1, 1]
     summary = score_videos(split, lambda f: torch.full((len(f), 1, 4), 0.25), 1)[0]
     assert summary["num_scored"] == 5 and summary["unscored"][0][0] == str(data_root / "broken.mp4")
