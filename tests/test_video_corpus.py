@@ -7,6 +7,7 @@ an error.
 """
 
 import os
+import re
 
 import av
 import numpy as np
@@ -181,10 +182,15 @@ def test_damaged_payloads_decord(files, name, share, tmp_path):
     """decord cannot see the decoder's damage flags, and its FFmpeg 4 conceals errors differently from current
     FFmpeg: where a payload is damaged inside a GOP it may return other pixels than the reference. Measured on
     this corpus: the H.264 mp4/mov files damaged at 60% (a frame the decoder flags) and the MS-MPEG4 AVI damaged at
-    60% (nothing flagged: FFmpeg 8 and decord's FFmpeg 4 conceal the error differently). Documented, not hidden."""
+    60% (nothing flagged: FFmpeg 8 and decord's FFmpeg 4 conceal the error differently). Whether decord's pixels
+    then differ depends on the machine: where this was measured they did for all three; on an AMD EPYC (AVX2) machine
+    the two H.264 files came out right. For those three the check may pass or find exactly that difference;
+    anything else (an exception, another failure) fails. Documented, not hidden."""
     path = corpus.damaged(files[name], str(tmp_path / f"damaged{os.path.splitext(files[name])[1]}"), share=share)
     if share == 0.6 and name in {"mp4_h264_bframes", "mov_h264", "avi_msmpeg4"}:
-        with pytest.raises(AssertionError, match="wrong pixels|flags as damaged"):
+        try:
             check_backend(path, "decord")
+        except AssertionError as err:
+            assert re.search("wrong pixels|flags as damaged", str(err)), str(err)
     else:
         check_backend(path, "decord")
