@@ -31,5 +31,7 @@ setup(
         "safetensors>=0.4",
     ],
     # tensorboard: the viewer of the tb/ logs (`tensorboard --logdir runs`); dev: the test suite's extras
-    extras_require={"dev": ["pytest>=8", "transformers>=4.40"], "tensorboard": ["tensorboard>=2.16"]},
+    # (transformers: checkpoint conversion; scikit-image: the reference HOG and its sample photographs)
+    extras_require={"dev": ["pytest>=8", "transformers>=4.40", "scikit-image>=0.22"],
+                    "tensorboard": ["tensorboard>=2.16"]},
 )

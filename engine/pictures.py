@@ -348,11 +348,31 @@ def reconstruction_rows(model, video: torch.Tensor, pred: torch.Tensor, mask: to
                                  prediction_own_scale)[0]
 
 
+def _input_parts(model, video, mask, subtract_clip_mean) -> tuple[list[PictureRow], list[_Legend], str]:
+    """The rows of a model whose targets are not pixels (HOG): its input and what the encoder saw; a histogram
+    target has no picture of its own."""
+    with torch.no_grad():
+        pixels = model.pixels(video).cpu()
+        hidden = model.pixel_mask(mask, video)[:, 0].cpu()
+    if subtract_clip_mean is None:
+        subtract_clip_mean = _looks_clip_mean_removed(video)
+    scale = choose_scale(pixels.transpose(0, 1), pixel=True)
+    words = "normalization undone" + (", clip mean over time removed" if subtract_clip_mean else "")
+    rows = [PictureRow(["input", f"as the model gets it ({words}); {_scale_words(scale)}"], scale.apply(pixels), None),
+            PictureRow(["encoder input", f"visible tubelets only; {_scale_words(scale)}"], scale.apply(pixels), hidden)]
+    caption = (f"VideoMAE with {model.cfg.target.kind.upper()} targets: {video.shape[0]} clip(s), "
+               f"{mask.float().mean().item():.0%} of the tubelets hidden; the decoder predicts histograms of "
+               "oriented gradients of the hidden ones, which have no picture here")
+    return rows, [_Legend("input, encoder input", scale, "pixel values of the model input")], caption
+
+
 def _reconstruction_parts(model, video, pred, mask, decoder_mask, max_clips, subtract_clip_mean,
                           prediction_own_scale) -> tuple[list[PictureRow], list[_Legend], str]:
     count = min(max_clips, video.shape[0])
     video, pred, mask = video[:count], pred[:count], mask[:count]
     decoder_mask = None if decoder_mask is None else decoder_mask[:count]
+    if model.cfg.target.kind != "pixels":
+        return _input_parts(model, video, mask, subtract_clip_mean)
     with torch.no_grad():
         pixels = model.pixels(video).cpu()  # the model input in pixel units
         reconstructed = model.reconstruct(video, pred, mask, decoder_mask).float().cpu()

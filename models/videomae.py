@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.flops import linear_flops, transformer_flops
+from models.hog import HOGConfig, hog
 from models.pos_embed import PositionEmbedding
 from models.vit import ViTConfig, VisionTransformer, enable_checkpointing, make_blocks, run_blocks
 
@@ -45,8 +46,12 @@ class DecoderConfig:
 
 @dataclass
 class TargetConfig:
-    normalize: Literal["per_channel", "joint", "none"] = "per_channel"  # per-patch pixel normalization
+    normalize: Literal["per_channel", "joint", "none"] = "per_channel"  # pixels: per-patch pixel normalization
     frames: Literal["tubelet", "first"] = "tubelet"  # predict every frame of a tubelet or one time slice
+    # what the decoder predicts for a hidden token: its pixels (VideoMAE, MAE-ST) or the histograms of oriented
+    # gradients of its 8x8 cells (MaskFeat; MAE-ST Table 2b), with MSE either way
+    kind: Literal["pixels", "hog"] = "pixels"
+    hog: HOGConfig = field(default_factory=HOGConfig)  # kind=hog: bins, cells, gradient filters, Gaussian window
 
 
 @dataclass
@@ -55,9 +60,21 @@ class PretrainModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # the light decoder
     target: TargetConfig = field(default_factory=TargetConfig)  # what the decoder reconstructs
 
+    def __post_init__(self) -> None:
+        if self.target.kind == "hog" and self.encoder.patch_size % self.target.hog.cell:
+            raise ValueError(f"HOG targets need whole cells in a patch: patch_size {self.encoder.patch_size} is not a "
+                             f"multiple of target.hog.cell {self.target.hog.cell}")
+
     def decoder_dims(self) -> tuple[int, int]:
         width, heads = DECODER_DIMS[self.encoder.arch]
         return self.decoder.embed_dim or width, self.decoder.num_heads or heads
+
+    def target_dim(self, frames: int) -> int:
+        """Values the decoder predicts per token, for ``frames`` frames of it."""
+        enc = self.encoder
+        if self.target.kind == "hog":
+            return frames * (enc.patch_size // self.target.hog.cell) ** 2 * enc.in_chans * self.target.hog.orientations
+        return frames * enc.patch_size**2 * enc.in_chans
 
 
 def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
@@ -91,6 +108,17 @@ def normalize_patches(patches: torch.Tensor, mode: str) -> torch.Tensor:
         var = flat.var(dim=-1, unbiased=True, keepdim=True)
         return (flat - mean) / (var + 1e-6).sqrt()
     return flat
+
+
+def hog_tokens(frames: torch.Tensor, per_token: int, patch: int, cfg: HOGConfig) -> torch.Tensor:
+    """HOG of clips (B, C, T, H, W) arranged per token: (B, N, per_token · (patch/cell)² · C · orientations), the
+    ``per_token`` consecutive frames of a token, then its cells row by row, then channels, then bins."""
+    b, c, t, h, w = frames.shape
+    hist = hog(frames.transpose(1, 2).reshape(b * t, c, h, w), cfg)  # (B·T, C, bins, H/cell, W/cell)
+    k, bins = patch // cfg.cell, cfg.orientations
+    hist = hist.reshape(b, t // per_token, per_token, c, bins, h // patch, k, w // patch, k)
+    hist = hist.permute(0, 1, 5, 7, 2, 6, 8, 3, 4)  # (B, T', H', W', frames, cy, cx, C, bins)
+    return hist.reshape(b, (t // per_token) * (h // patch) * (w // patch), -1)
 
 
 def _denormalize(pred: torch.Tensor, patches: torch.Tensor, mode: str) -> torch.Tensor:
@@ -150,7 +178,7 @@ class VideoMAE(nn.Module):
         self.encoder_to_decoder = nn.Linear(self.encoder.embed_dim, dec_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
         self.decoder_pos_embed = PositionEmbedding(cfg.decoder.pos_embed, enc.grid, dec_dim)
-        out_dim = enc.in_chans * self.pred_frames * self.patch**2
+        out_dim = cfg.target_dim(self.pred_frames)
         self.decoder = Decoder(
             dec_dim, cfg.decoder.depth, dec_heads, cfg.decoder.mlp_ratio, out_dim, enc.norm_eps,
             use_sdpa=enc.attention == "sdpa", layer_scale_init=cfg.decoder.layer_scale_init,
@@ -190,13 +218,16 @@ class VideoMAE(nn.Module):
 
     @torch.no_grad()
     def targets(self, video: torch.Tensor) -> torch.Tensor:
-        """Reconstruction targets (B, N, pred_frames·patch²·C) from the normalized clip, in float32. Give the clip in
-        float32: a bf16 clip has lost a pixel level's worth of precision, which per-patch normalization amplifies
-        on flat patches (2% RMS target error on smooth content)."""
+        """Reconstruction targets (B, N, ``cfg.target_dim(pred_frames)``) from the normalized clip, in float32: the
+        normalized pixels of each token, or the HOG of its cells. Give the clip in float32: a bf16 clip has lost a
+        pixel level's worth of precision, which per-patch normalization amplifies on flat patches (2% RMS target
+        error on smooth content)."""
         raw = self.pixels(video)
         if self.pred_frames == 1:
             # One time slice per token (MAE-ST): the first frame of each tubelet.
             raw = raw[:, :, :: self.tubelet]
+        if self.cfg.target.kind == "hog":
+            return hog_tokens(raw, self.pred_frames, self.patch, self.cfg.target.hog)
         return normalize_patches(patchify(raw, self.pred_frames, self.patch), self.cfg.target.normalize)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor, decoder_mask: Optional[torch.Tensor] = None):
@@ -239,12 +270,17 @@ class VideoMAE(nn.Module):
     def reconstruct(self, video: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
                     decoder_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pixels in [0, 1] (B, C, T, H, W): visible tubelets from the input, decoded ones from ``pred``
-        (normalized targets mapped back with each patch's own statistics), the rest grey."""
+        (normalized targets mapped back with each patch's own statistics), the rest grey. A model that predicts
+        HOG has no pixels to show: its hidden tubelets stay grey."""
         b, c = video.shape[:2]
         grid = self.encoder.patch_embed.grid(video)
         decoded = mask if decoder_mask is None else ~decoder_mask
         raw = self.pixels(video)
         patches = patchify(raw, self.tubelet, self.patch)  # (B, N, P, C)
+        if self.cfg.target.kind != "pixels":
+            out = torch.full_like(patches, 0.5)
+            out[~mask] = patches[~mask]
+            return unpatchify(out.flatten(2), grid, self.tubelet, self.patch).clamp(0, 1)
         source = patches if self.pred_frames == self.tubelet else patchify(raw[:, :, :: self.tubelet], 1, self.patch)
         predicted = _denormalize(pred.float(), source[decoded].reshape(b, -1, *source.shape[2:]),
                                  self.cfg.target.normalize)  # (B, N_pred, P', C)
