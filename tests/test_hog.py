@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.hog import HOGConfig, hog
-from models.videomae import PretrainModelConfig, TargetConfig, VideoMAE, patchify
+from models.videomae import PretrainModelConfig, TargetConfig, VideoMAE
 from models.vit import ViTConfig
 
 skimage = pytest.importorskip("skimage")
