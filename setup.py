@@ -29,6 +29,7 @@ setup(
         "omegaconf>=2.4",  # structured configs: typed loading, Literal fields, "did you mean" on unknown keys
         "numpy",
         "safetensors>=0.4",
+        "vector-quantize-pytorch>=1.20",  # the video tokenizer's codebook: EMA updates, dead-code restarts, commitment
     ],
     # tensorboard: the viewer of the tb/ logs (`tensorboard --logdir runs`); dev: the test suite's extras
     # (transformers: checkpoint conversion; scikit-image: the reference HOG and its sample photographs)

@@ -110,3 +110,10 @@ def export_final_weights(engine, out: Path, name: str = "weights.pt",
         checkpoint.export_weights({**weights, **(buffers or {})}, out / name)
         log.info("exported %s (load with torch.load(weights_only=True))", out / name)
     return step
+
+
+def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers ``module.state_dict()`` holds (running statistics, a codebook), not its parameters and not its
+    non-persistent buffers: what ``export_final_weights(buffers=...)`` adds to the parameters."""
+    parameters = {name for name, _ in module.named_parameters()}
+    return {name: value for name, value in module.state_dict().items() if name not in parameters}
