@@ -349,7 +349,7 @@ def reconstruction_rows(model, video: torch.Tensor, pred: torch.Tensor, mask: to
 
 
 def _input_parts(model, video, mask, subtract_clip_mean) -> tuple[list[PictureRow], list[_Legend], str]:
-    """The rows of a model whose targets are not pixels (HOG): its input and what the encoder saw; a histogram
+    """The rows of a model whose targets are not pixels (HOG, tokens): its input and what the encoder saw; such a
     target has no picture of its own."""
     with torch.no_grad():
         pixels = model.pixels(video).cpu()
@@ -360,9 +360,10 @@ def _input_parts(model, video, mask, subtract_clip_mean) -> tuple[list[PictureRo
     words = "normalization undone" + (", clip mean over time removed" if subtract_clip_mean else "")
     rows = [PictureRow(["input", f"as the model gets it ({words}); {_scale_words(scale)}"], scale.apply(pixels), None),
             PictureRow(["encoder input", f"visible tubelets only; {_scale_words(scale)}"], scale.apply(pixels), hidden)]
-    caption = (f"VideoMAE with {model.cfg.target.kind.upper()} targets: {video.shape[0]} clip(s), "
-               f"{mask.float().mean().item():.0%} of the tubelets hidden; the decoder predicts histograms of "
-               "oriented gradients of the hidden ones, which have no picture here")
+    what = {"hog": "histograms of oriented gradients", "tokens": "the tokenizer's codes"}[model.cfg.target.kind]
+    caption = (f"VideoMAE with {model.cfg.target.kind} targets: {video.shape[0]} clip(s), "
+               f"{mask.float().mean().item():.0%} of the tubelets hidden; the decoder predicts {what} of the hidden "
+               "ones, which have no picture here")
     return rows, [_Legend("input, encoder input", scale, "pixel values of the model input")], caption
 
 

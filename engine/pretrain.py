@@ -44,7 +44,14 @@ class PretrainConfig:
 
 def build_model_and_masks(cfg: PretrainConfig):
     """The pre-training model and the mask generator for its token grid."""
-    model = VideoMAE(cfg.model, pixel_mean=cfg.data.mean, pixel_std=cfg.data.std)
+    tokenizer = None
+    if cfg.model.target.kind == "tokens":
+        from engine.tokenizer import load_trained_tokenizer
+
+        tokenizer = load_trained_tokenizer(cfg.model.target.tokenizer)
+        log.info("token targets: the frozen tokenizer of %s (%d codes, %d-pixel cells)", cfg.model.target.tokenizer,
+                 tokenizer.cfg.codebook_size, tokenizer.cfg.downsample)
+    model = VideoMAE(cfg.model, pixel_mean=cfg.data.mean, pixel_std=cfg.data.std, tokenizer=tokenizer)
     return model, build_mask_generator(cfg.mask, cfg.model.encoder.grid)
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, TrainClips, model_input
 from engine import checkpoint, ds
-from engine.config import BatchConfig, require
+from engine.config import BatchConfig, ConfigError, load_config, require
 from engine.data import read_split
 from engine.dist import is_main_process
 from engine.evaluate import group_active
@@ -188,8 +188,21 @@ class TokenizerTask(Task):
 def load_tokenizer(cfg: TokenizerConfig, path: str) -> VQTokenizer:
     """A trained tokenizer from its export, frozen (eval mode, no gradients)."""
     model = VQTokenizer(cfg)
-    model.load_state_dict(checkpoint.load_weights(path))
+    try:
+        model.load_state_dict(checkpoint.load_weights(path))
+    except RuntimeError as err:
+        raise ConfigError(f"{path} does not hold a tokenizer of {cfg}: {' '.join(str(err).split())}") from None
     return model.eval().requires_grad_(False)
 
 
-__all__ = ["TokenizerTrainConfig", "TokenizerTask", "load_tokenizer"]
+def load_trained_tokenizer(path: str) -> VQTokenizer:
+    """The tokenizer a ``run_scripts/tokenizer.py`` run exported to ``path`` (its weights.pt), built with the
+    architecture of the run's config.yaml beside it, frozen."""
+    config = Path(path).parent / "config.yaml"
+    if not Path(path).is_file() or not config.is_file():
+        raise ConfigError(f"target.tokenizer={path}: expected the weights.pt of a run_scripts/tokenizer.py run, with "
+                          f"its config.yaml beside it")
+    return load_tokenizer(load_config(TokenizerTrainConfig, str(config)).model, path)
+
+
+__all__ = ["TokenizerTrainConfig", "TokenizerTask", "load_tokenizer", "load_trained_tokenizer"]

@@ -48,10 +48,14 @@ class DecoderConfig:
 class TargetConfig:
     normalize: Literal["per_channel", "joint", "none"] = "per_channel"  # pixels: per-patch pixel normalization
     frames: Literal["tubelet", "first"] = "tubelet"  # predict every frame of a tubelet or one time slice
-    # what the decoder predicts for a hidden token: its pixels (VideoMAE, MAE-ST) or the histograms of oriented
-    # gradients of its 8x8 cells (MaskFeat; MAE-ST Table 2b), with MSE either way
-    kind: Literal["pixels", "hog"] = "pixels"
+    # what the decoder predicts for a hidden token: its pixels (VideoMAE, MAE-ST), the histograms of oriented
+    # gradients of its 8x8 cells (MaskFeat; MAE-ST Table 2b), both with MSE, or the codes a frozen video tokenizer
+    # gives its 8x8 cells (VIMPAC; MAE-ST's dVAE row), with cross-entropy
+    kind: Literal["pixels", "hog", "tokens"] = "pixels"
     hog: HOGConfig = field(default_factory=HOGConfig)  # kind=hog: bins, cells, gradient filters, Gaussian window
+    # kind=tokens: the tokenizer's weights.pt (run_scripts/tokenizer.py); its architecture comes from the run's
+    # config.yaml beside it. It must have been trained on clips normalized as this run's data section does.
+    tokenizer: str = ""
 
 
 @dataclass
@@ -64,16 +68,21 @@ class PretrainModelConfig:
         if self.target.kind == "hog" and self.encoder.patch_size % self.target.hog.cell:
             raise ValueError(f"HOG targets need whole cells in a patch: patch_size {self.encoder.patch_size} is not a "
                              f"multiple of target.hog.cell {self.target.hog.cell}")
+        if self.target.kind == "tokens" and not self.target.tokenizer:
+            raise ValueError("target.kind=tokens needs target.tokenizer: the weights.pt of run_scripts/tokenizer.py")
 
     def decoder_dims(self) -> tuple[int, int]:
         width, heads = DECODER_DIMS[self.encoder.arch]
         return self.decoder.embed_dim or width, self.decoder.num_heads or heads
 
-    def target_dim(self, frames: int) -> int:
-        """Values the decoder predicts per token, for ``frames`` frames of it."""
+    def target_dim(self, frames: int, codebook_size: int = 0, token_cell: int = 1) -> int:
+        """Values the decoder predicts per token, for ``frames`` frames of it (tokens: a logit per code of the
+        tokenizer's codebook for each of its ``token_cell``-pixel cells)."""
         enc = self.encoder
         if self.target.kind == "hog":
             return frames * (enc.patch_size // self.target.hog.cell) ** 2 * enc.in_chans * self.target.hog.orientations
+        if self.target.kind == "tokens":
+            return frames * (enc.patch_size // token_cell) ** 2 * codebook_size
         return frames * enc.patch_size**2 * enc.in_chans
 
 
@@ -121,6 +130,15 @@ def hog_tokens(frames: torch.Tensor, per_token: int, patch: int, cfg: HOGConfig)
     return hist.reshape(b, (t // per_token) * (h // patch) * (w // patch), -1)
 
 
+def code_tokens(codes: torch.Tensor, per_token: int, cells: int) -> torch.Tensor:
+    """Code maps (B, T, H/cell, W/cell) arranged per token: (B, N, per_token · cells²), the ``per_token`` consecutive
+    frames of a token, then its ``cells`` × ``cells`` codes row by row (a 16-pixel patch holds 2 × 2 codes of 8)."""
+    b, t, hc, wc = codes.shape
+    x = codes.reshape(b, t // per_token, per_token, hc // cells, cells, wc // cells, cells)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6)  # (B, T', H', W', frames, cy, cx)
+    return x.reshape(b, (t // per_token) * (hc // cells) * (wc // cells), per_token * cells * cells)
+
+
 def _denormalize(pred: torch.Tensor, patches: torch.Tensor, mode: str) -> torch.Tensor:
     """Map predicted targets (B, N, P·C) back to pixels (B, N, P, C) with the statistics of ``patches``."""
     shaped = pred.reshape(patches.shape)
@@ -161,9 +179,11 @@ class VideoMAE(nn.Module):
     keeps, and only tokens both hidden from the encoder and kept by the decoder are scored.
     """
 
-    def __init__(self, cfg: PretrainModelConfig, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD):
+    def __init__(self, cfg: PretrainModelConfig, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD, tokenizer=None):
         """``pixel_mean``/``pixel_std``: the statistics the input clip was normalized with (the data config's),
-        needed to recover pixels for the targets."""
+        needed to recover pixels for the targets. ``tokenizer``: the frozen ``models.tokenizer.VQTokenizer`` of
+        ``target.kind=tokens``; it is kept outside this module's parameters, buffers and state dict (never trained,
+        never cast to the engine's precision, never saved with the encoder) and follows the clip to its device."""
         super().__init__()
         if len(pixel_mean) != cfg.encoder.in_chans or len(pixel_std) != cfg.encoder.in_chans:
             raise ValueError(f"pixel_mean/pixel_std need {cfg.encoder.in_chans} values, one per input channel")
@@ -178,7 +198,18 @@ class VideoMAE(nn.Module):
         self.encoder_to_decoder = nn.Linear(self.encoder.embed_dim, dec_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
         self.decoder_pos_embed = PositionEmbedding(cfg.decoder.pos_embed, enc.grid, dec_dim)
-        out_dim = cfg.target_dim(self.pred_frames)
+        if (cfg.target.kind == "tokens") != (tokenizer is not None):
+            raise ValueError("a tokenizer is given exactly when target.kind is tokens")
+        # plain attribute bypassing nn.Module registration: see the docstring
+        self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False) if tokenizer is not None else None
+        if tokenizer is not None:
+            cell = tokenizer.cfg.downsample
+            if self.patch % cell:
+                raise ValueError(f"token targets need whole tokenizer cells in a patch: patch_size {self.patch} is not "
+                                 f"a multiple of the tokenizer's {cell}-pixel cells")
+            out_dim = cfg.target_dim(self.pred_frames, tokenizer.cfg.codebook_size, cell)
+        else:
+            out_dim = cfg.target_dim(self.pred_frames)
         self.decoder = Decoder(
             dec_dim, cfg.decoder.depth, dec_heads, cfg.decoder.mlp_ratio, out_dim, enc.norm_eps,
             use_sdpa=enc.attention == "sdpa", layer_scale_init=cfg.decoder.layer_scale_init,
@@ -228,7 +259,18 @@ class VideoMAE(nn.Module):
             raw = raw[:, :, :: self.tubelet]
         if self.cfg.target.kind == "hog":
             return hog_tokens(raw, self.pred_frames, self.patch, self.cfg.target.hog)
+        if self.cfg.target.kind == "tokens":
+            clip = video.float() if self.pred_frames == self.tubelet else video.float()[:, :, :: self.tubelet]
+            tokenizer = self._tokenizer_on(video.device)
+            return code_tokens(tokenizer.tokenize(clip), self.pred_frames, self.patch // tokenizer.cfg.downsample)
         return normalize_patches(patchify(raw, self.pred_frames, self.patch), self.cfg.target.normalize)
+
+    def _tokenizer_on(self, device: torch.device):
+        """The frozen tokenizer, moved to ``device`` the first time it is needed there (float32 always)."""
+        tokenizer = self.__dict__["tokenizer"]
+        if next(tokenizer.parameters()).device != device:
+            tokenizer.to(device)
+        return tokenizer
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor, decoder_mask: Optional[torch.Tensor] = None):
         """video (B, C, T, H, W) normalized; mask (B, N) True = hidden from the encoder;
@@ -252,7 +294,12 @@ class VideoMAE(nn.Module):
 
         target = self.targets(video)
         target = target[decoded].reshape(b, -1, target.shape[-1])
-        error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=-1)
+        if self.cfg.target.kind == "tokens":  # target (B, N_pred, positions) codes; pred a logit per code each
+            logits = pred.float().reshape(*target.shape, -1)
+            error = F.cross_entropy(logits.flatten(0, 2), target.flatten(), reduction="none").reshape(target.shape)
+            error = error.mean(dim=-1)
+        else:
+            error = F.mse_loss(pred.float(), target, reduction="none").mean(dim=-1)
         if decoder_mask is None:
             loss = error.mean()
         else:

@@ -100,3 +100,88 @@ def test_a_collapsed_codebook_is_reported_loudly(tmp_path, data_root):
     usage = [json.loads(line)["code_usage"] for line in (tmp_path / "collapsed" / "metrics.jsonl").read_text()
              .splitlines() if "code_usage" in line]
     assert usage and usage[0] < 0.9
+
+
+# ---- token targets of the masked autoencoder -------------------------------------------------------------------
+
+
+def token_model(frames: str, patch: int = 16):
+    from models.videomae import PretrainModelConfig, TargetConfig, VideoMAE
+    from models.vit import ViTConfig
+
+    torch.manual_seed(0)
+    tokenizer = VQTokenizer(TINY)
+    encoder = ViTConfig(arch="vit_debug", num_frames=4, img_size=32, patch_size=patch, tubelet_size=2)
+    cfg = PretrainModelConfig(encoder, target=TargetConfig(kind="tokens", frames=frames, tokenizer="unused.pt"))
+    return VideoMAE(cfg, tokenizer=tokenizer), tokenizer
+
+
+@pytest.mark.parametrize("frames, per_token", [("tubelet", 2), ("first", 1)])
+def test_a_known_code_map_is_the_target_at_the_right_positions(frames, per_token):
+    model, tokenizer = token_model(frames)
+    video = torch.randn(2, 3, 4, 32, 32)
+    seen = {}
+
+    def known_codes(clip):  # code of (b, t, y, x) = a different number everywhere, remembered per input frame
+        seen["frames"] = clip.shape[2]
+        b, _, t, h, w = clip.shape
+        index = torch.arange(b * t * (h // 8) * (w // 8)).reshape(b, t, h // 8, w // 8)
+        return index % TINY.codebook_size
+
+    tokenizer.tokenize = known_codes
+    targets = model.targets(video)  # (B, N = 2 x 2 x 2 tokens, per_token frames x 2 x 2 codes)
+    assert seen["frames"] == (4 if frames == "tubelet" else 2) and targets.shape == (2, 8, per_token * 4)
+    codes = known_codes(video if frames == "tubelet" else video[:, :, ::2])
+    for b in range(2):
+        for t in range(2):
+            for y in range(2):
+                for x in range(2):
+                    token = t * 4 + y * 2 + x
+                    expected = [codes[b, t * per_token + f, 2 * y + cy, 2 * x + cx]
+                                for f in range(per_token) for cy in range(2) for cx in range(2)]
+                    assert targets[b, token].tolist() == [int(c) for c in expected], (b, t, y, x)
+
+
+def test_token_targets_are_cross_entropy_on_the_hidden_positions_and_the_tokenizer_stays_frozen_and_unsaved():
+    from models.masking import MaskConfig, build_mask_generator
+
+    model, tokenizer = token_model("first")
+    assert model.decoder.head.out_features == 4 * TINY.codebook_size  # 2 x 2 codes, a logit per code each
+    tokenizer_state = {k: v.clone() for k, v in tokenizer.state_dict().items()}
+    assert not any(k.startswith("tokenizer") for k in model.state_dict())
+    assert all(p is not q for p in model.parameters() for q in tokenizer.parameters())
+    video = torch.randn(2, 3, 4, 32, 32)
+    mask, _ = build_mask_generator(MaskConfig(kind="random", ratio=0.75), (2, 2, 2))(2, torch.device("cpu"),
+                                                                                    torch.Generator())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss, pred, _ = model(video, mask)
+    codes = model.targets(video)[mask].reshape(2, -1, 4)
+    expected = torch.nn.functional.cross_entropy(pred.reshape(-1, TINY.codebook_size), codes.reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    optimizer.step()
+    model.to(torch.bfloat16)  # what a bf16 engine does to the model: the tokenizer keeps float32
+    assert all(v.dtype == torch.float32 for v in tokenizer.state_dict().values() if v.is_floating_point())
+    assert all(torch.equal(v, tokenizer_state[k]) for k, v in tokenizer.state_dict().items())
+
+
+def test_pretraining_on_tokens_trains_without_saving_the_tokenizer(tmp_path, data_root):
+    tokenizer_run = tmp_path / "tokenizer"
+    run(command(tokenizer_run, data_root, "optim.epochs=1", "clip.img_size=64", "run.vis_every_epochs=0"))
+    before = (tokenizer_run / "weights.pt").read_bytes()
+    out = tmp_path / "pretrain"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run_scripts" / "pretrain.py"), "--config",
+         str(ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"), f"run.output_dir={out}",
+         f"data.root={data_root}", f"data.synthetic={SPEC}", "batch.micro_batch=8", "batch.num_workers=0",
+         "optim.epochs=1", "optim.warmup_epochs=0", "run.vis_every_epochs=0", "run.log_every=1",
+         "model.target.kind=tokens", f"model.target.tokenizer={tokenizer_run / 'weights.pt'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "token targets: the frozen tokenizer" in result.stderr
+    first = min(losses(out).items())[1]
+    assert abs(first - torch.log(torch.tensor(32.0)).item()) < 1.0  # cross-entropy over 32 codes starts near ln 32
+    weights = torch.load(out / "weights.pt", weights_only=True)
+    assert not any("quantizer" in k or k.startswith("tokenizer") for k in weights)
+    assert weights["decoder.head.weight"].shape[0] == 2 * 32  # a tubelet's 2 frames x 1 code x 32 logits
+    assert (tokenizer_run / "weights.pt").read_bytes() == before
