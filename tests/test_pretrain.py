@@ -67,6 +67,19 @@ def wait_for_step(process: subprocess.Popen, out: Path, step: int, timeout: floa
     raise AssertionError(f"the run ended or stalled before step {step} (exit code {process.poll()})")
 
 
+def kill_after_checkpoint(process: subprocess.Popen, out: Path, checkpoint: int, step: int,
+                          timeout: float = 240) -> None:
+    """SIGKILL the run (its whole process group) once the checkpoint of step ``checkpoint`` is complete and training
+    logged step ``step``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint in complete_steps(out) and max(losses(out), default=0) >= step:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def test_tiny_run_writes_everything_and_knows_when_it_is_done(tmp_path, data_root):
     out = tmp_path / "run"
     run(command(out, data_root))
@@ -123,14 +136,8 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, dat
     out = tmp_path / "killed"
     process = subprocess.Popen(command(out, data_root, *overrides), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
     # Kill in the second epoch (8 steps each) once step 9's checkpoint is complete and training went on.
-    while time.time() < deadline and process.poll() is None:
-        if 9 in complete_steps(out) and max(losses(out), default=0) >= 10:
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(process, out, 9, 10)
     resume_step = max(complete_steps(out))
     assert resume_step < 16 and resume_step % 8, f"not killed mid-epoch (newest checkpoint: step {resume_step})"
     # A checkpoint killed while being written must be ignored on resume.

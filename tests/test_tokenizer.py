@@ -3,11 +3,8 @@ point with kill -9 and an exact resume (the codebook's moving averages and dead-
 and the codebook-collapse warning."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from engine.checkpoint import complete_steps
 from engine.tokenizer import load_tokenizer
 from models.tokenizer import TokenizerConfig, VQTokenizer, code_statistics
 from test_finetune import data_root  # noqa: F401  (fixture: synthetic videos)
-from test_pretrain import losses
+from test_pretrain import kill_after_checkpoint, losses
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_scripts" / "tokenizer.py"
@@ -69,13 +66,7 @@ def test_training_resumes_exactly_after_kill_9_and_exports_the_codebook(tmp_path
     out = tmp_path / "killed"
     process = subprocess.Popen(command(out, data_root, "run.save_every_steps=3"), cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if 9 in complete_steps(out) and max(losses(out), default=0) >= 10:
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(process, out, 9, 10)
     assert max(complete_steps(out)) % 8, "not killed mid-epoch"
     run(command(out, data_root, "run.save_every_steps=3"))
     assert losses(out) == losses(reference)  # fp32 on CPU: the same losses, step by step
