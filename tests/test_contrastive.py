@@ -1,0 +1,84 @@
+"""VIMPAC's InfoNCE (engine/contrastive.py): against a direct implementation of the paper's eq. 4-5, and two gloo
+ranks of B videos against one process of 2B (loss and gradients, with DeepSpeed's averaging of gradients)."""
+
+import math
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from engine.contrastive import info_nce
+
+VIDEOS, DIM, TEMPERATURE = 6, 5, 0.2
+
+
+def eq_4_5(a: torch.Tensor, b: torch.Tensor, gamma: float) -> float:
+    """The paper's equations with loops, in float64: L_cl = mean_i L(i) + mean_i L'(i)."""
+    a = torch.nn.functional.normalize(a.double(), dim=-1)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    n = len(a)
+
+    def loss(f, f2, i):
+        numerator = math.exp(float(f[i] @ f2[i]) / gamma)
+        denominator = sum(math.exp(float(f[i] @ f[k]) / gamma) for k in range(n) if k != i)
+        denominator += sum(math.exp(float(f[i] @ f2[k]) / gamma) for k in range(n))
+        return -math.log(numerator / denominator)
+
+    return sum(loss(a, b, i) for i in range(n)) / n + sum(loss(b, a, i) for i in range(n)) / n
+
+
+def features(seed: int = 0):
+    """Clip inputs of every video and a linear "model" whose weight the gradients are compared on."""
+    generator = torch.Generator().manual_seed(seed)
+    clips = torch.randn(2, VIDEOS, 8, generator=generator)
+    weight = torch.randn(DIM, 8, generator=generator)
+    return clips, weight
+
+
+def test_the_loss_is_the_papers_equations():
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.randn(VIDEOS, DIM, generator=generator), torch.randn(VIDEOS, DIM, generator=generator)
+    assert abs(info_nce(a, b, TEMPERATURE).item() - eq_4_5(a, b, TEMPERATURE)) < 1e-5
+    # a positive pair that agrees more than the negatives lowers the loss
+    assert info_nce(a, a + 0.01 * b, TEMPERATURE) < info_nce(a, b, TEMPERATURE)
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        clips, weight = features()
+        weight.requires_grad_(True)
+        share = VIDEOS // world
+        mine = clips[:, rank * share:(rank + 1) * share]
+        loss = info_nce(mine[0] @ weight.T, mine[1] @ weight.T, TEMPERATURE)
+        loss.backward()
+        grad = weight.grad.clone()
+        dist.all_reduce(grad)  # what DeepSpeed does with the gradients of data-parallel ranks: their mean
+        losses = [None] * world
+        dist.all_gather_object(losses, loss.item())
+        torch.save({"loss": sum(losses) / world, "grad": grad / world}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_of_b_videos_give_the_loss_and_gradients_of_one_process_of_2b(tmp_path):
+    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    clips, weight = features()
+    weight.requires_grad_(True)
+    loss = info_nce(clips[0] @ weight.T, clips[1] @ weight.T, TEMPERATURE)
+    loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert abs(got["loss"] - loss.item()) < 1e-5
+        torch.testing.assert_close(got["grad"], weight.grad, rtol=1e-4, atol=1e-6)
+    # without passing gradients back to the owner of each gathered feature the two would differ
+    assert weight.grad.abs().sum() > 0
