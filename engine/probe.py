@@ -38,7 +38,7 @@ from engine.features import FeatureConfig, FeatureSplit, extract_split
 from engine.finetune import multiview_test_set, validation_set
 from engine.loop import RunConfig
 from engine.optim import OptimConfig, optimizer_over
-from engine.task import Task, export_final_weights, persistent_buffers
+from engine.task import Task, export_final_weights
 from models.convert import unwrap_state_dict
 from models.probe import POOLS, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
 from models.vit import ViTConfig
@@ -481,7 +481,7 @@ class LinearProbeTask(Task):
         choose on validation, and write the results and the chosen head (rank 0)."""
         out = Path(output_dir)
         model = engine.module
-        step = export_final_weights(engine, out, buffers=persistent_buffers(model))
+        step = export_final_weights(engine, out)
         if not is_main_process():
             return
         results: dict[str, Any] = {"step": step, "encoder": self.cfg.model.init,

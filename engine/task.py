@@ -99,21 +99,20 @@ class Task:
         export_final_weights(engine, Path(output_dir))
 
 
-def export_final_weights(engine, out: Path, name: str = "weights.pt",
-                         buffers: Optional[dict[str, torch.Tensor]] = None) -> int:
+def export_final_weights(engine, out: Path, name: str = "weights.pt") -> int:
     """Write the whole fp32 weights of the newest complete checkpoint to ``out/name`` (rank 0; a collective under
-    ZeRO, so every rank calls it), with ``buffers`` (fixed tensors the model needs besides its parameters); returns
-    that checkpoint's step."""
+    ZeRO, so every rank calls it), with the model's persistent buffers (a probe's feature statistics, a tokenizer's
+    codebook: tensors it needs besides its parameters); returns that checkpoint's step."""
     step = checkpoint.latest_complete(out)
     weights = ds.consolidated_fp32_state_dict(engine, str(checkpoint.checkpoint_root(out)), checkpoint.step_tag(step))
     if is_main_process():
-        checkpoint.export_weights({**weights, **(buffers or {})}, out / name)
+        checkpoint.export_weights({**weights, **persistent_buffers(engine.module)}, out / name)
         log.info("exported %s (load with torch.load(weights_only=True))", out / name)
     return step
 
 
 def persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The buffers ``module.state_dict()`` holds (running statistics, a codebook), not its parameters and not its
-    non-persistent buffers: what ``export_final_weights(buffers=...)`` adds to the parameters."""
+    non-persistent buffers: what ``export_final_weights`` adds to the parameters."""
     parameters = {name for name, _ in module.named_parameters()}
     return {name: value for name, value in module.state_dict().items() if name not in parameters}

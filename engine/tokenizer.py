@@ -27,7 +27,7 @@ from engine.dist import is_main_process
 from engine.evaluate import group_active
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
-from engine.task import Task, export_final_weights, persistent_buffers
+from engine.task import Task, export_final_weights
 from models.tokenizer import TokenizerConfig, VQTokenizer, codebook_statistics
 
 log = logging.getLogger("tokenizer")
@@ -181,8 +181,8 @@ class TokenizerTask(Task):
             self.squared_error, self.pixels = state["squared_error"], state["pixels"]
 
     def finish(self, engine, output_dir: str) -> None:
-        """The weights and the codebook (a buffer) in weights.pt."""
-        export_final_weights(engine, Path(output_dir), buffers=persistent_buffers(engine.module))
+        """The weights and the codebook (a persistent buffer) in weights.pt."""
+        export_final_weights(engine, Path(output_dir))
 
 
 def load_tokenizer(cfg: TokenizerConfig, path: str) -> VQTokenizer:

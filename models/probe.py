@@ -275,9 +275,6 @@ class AttentiveProbeGrid(nn.Module):
             tokens = self.backbone.tokens(video)
         return torch.stack([probe(tokens) for probe in self.probes], dim=1)
 
-    def forward_flops(self, grid) -> int:
-        tokens = math.prod(grid)
-        return self.backbone.forward_flops(grid) + sum(p.forward_flops(tokens) for p in self.probes)
-
     def probe_flops(self, grid) -> int:
+        """Forward FLOPs of the probes (not the frozen encoder) on one clip of ``grid`` tokens."""
         return sum(p.forward_flops(math.prod(grid)) for p in self.probes)

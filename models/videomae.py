@@ -253,16 +253,16 @@ class VideoMAE(nn.Module):
         normalized pixels of each token, or the HOG of its cells. Give the clip in float32: a bf16 clip has lost a
         pixel level's worth of precision, which per-patch normalization amplifies on flat patches (2% RMS target
         error on smooth content)."""
-        raw = self.pixels(video)
         if self.pred_frames == 1:
             # One time slice per token (MAE-ST): the first frame of each tubelet.
-            raw = raw[:, :, :: self.tubelet]
+            video = video[:, :, :: self.tubelet]
+        if self.cfg.target.kind == "tokens":  # the tokenizer reads the normalized clip, as it was trained on it
+            tokenizer = self._tokenizer_on(video.device)
+            codes = tokenizer.tokenize(video.float())
+            return code_tokens(codes, self.pred_frames, self.patch // tokenizer.cfg.downsample)
+        raw = self.pixels(video)
         if self.cfg.target.kind == "hog":
             return hog_tokens(raw, self.pred_frames, self.patch, self.cfg.target.hog)
-        if self.cfg.target.kind == "tokens":
-            clip = video.float() if self.pred_frames == self.tubelet else video.float()[:, :, :: self.tubelet]
-            tokenizer = self._tokenizer_on(video.device)
-            return code_tokens(tokenizer.tokenize(clip), self.pred_frames, self.patch // tokenizer.cfg.downsample)
         return normalize_patches(patchify(raw, self.pred_frames, self.patch), self.cfg.target.normalize)
 
     def _tokenizer_on(self, device: torch.device):
