@@ -102,16 +102,26 @@ def dense_indices(num_frames: int, clip_len: int, rate: int, rng: Optional[rando
 
 
 def repeated_dense_indices(num_frames: int, clip_len: int, rate: int, repeats: int, rng: random.Random,
-                           short: ShortPolicy = "loop") -> list[list[int]]:
+                           short: ShortPolicy = "loop", max_distance: Optional[int] = None) -> list[list[int]]:
     """MAE-ST repeated sampling: ``repeats`` clips with independent random starts in one video.
 
     The video is decoded once (see :func:`union_indices`) and yields ``repeats`` training samples, which
-    amortizes the decoding cost that dominates video data loading.
+    amortizes the decoding cost that dominates video data loading. With ``max_distance`` (VIMPAC's bounded
+    distance between the two clips of a video) the first start is uniform and every other one uniform among the
+    fitting starts at most ``max_distance`` frames from it.
     """
     _check_positive(repeats=repeats)
     if rng is None:
         raise ValueError("repeated sampling is a training sampler: pass an rng")
-    return [dense_indices(num_frames, clip_len, rate, rng, short) for _ in range(repeats)]
+    if max_distance is None:
+        return [dense_indices(num_frames, clip_len, rate, rng, short) for _ in range(repeats)]
+    if max_distance < 0:
+        raise ValueError(f"max_distance must be >= 0 or None, got {max_distance!r}")
+    first = dense_indices(num_frames, clip_len, rate, rng, short)
+    last_start = max(num_frames - clip_span(clip_len, rate), 0)
+    low, high = max(first[0] - max_distance, 0), min(first[0] + max_distance, last_start)
+    others = [_strided(num_frames, rng.randint(low, high), clip_len, rate, short) for _ in range(repeats - 1)]
+    return [first, *others]
 
 
 def _spaced_starts(num_frames: int, span: int, num_views: int) -> list[int]:

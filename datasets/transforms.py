@@ -406,14 +406,15 @@ def three_crops(clip: Clip, size: int) -> list[Clip]:
 # Pipelines from a config
 # --------------------------------------------------------------------------
 
-AugmentKind = Literal["multi_scale", "random_resized", "finetune", "eval"]
+AugmentKind = Literal["multi_scale", "random_resized", "finetune", "center", "eval"]
 
 
 @dataclass
 class AugmentConfig:
     """Which augmentation a dataset applies to its uint8 clips."""
 
-    # pipeline: VideoMAE pre-training, MAE-ST pre-training, VideoMAE fine-tuning, or test views
+    # pipeline: VideoMAE pre-training, MAE-ST pre-training, VideoMAE fine-tuning, short side resized to the input size
+    # then the centre crop (VIMPAC pre-training: no spatial augmentation), or test views
     kind: AugmentKind = "multi_scale"
     # eval: short side frames are resized to before cropping (VideoMAE: 256 for 1 view, = size for 3 views)
     short_side: int = 256
@@ -429,8 +430,8 @@ class AugmentConfig:
     num_spatial_views: int = 1
 
     def __post_init__(self) -> None:
-        if self.kind not in ("multi_scale", "random_resized", "finetune", "eval"):
-            raise ValueError(f"kind must be multi_scale, random_resized, finetune or eval, got {self.kind!r}")
+        if self.kind not in ("multi_scale", "random_resized", "finetune", "center", "eval"):
+            raise ValueError(f"kind must be multi_scale, random_resized, finetune, center or eval, got {self.kind!r}")
         if not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ValueError(f"rrc_scale must satisfy 0 < lo <= hi <= 1, got {self.rrc_scale}")
         if not 0 <= self.erase_prob <= 1:
@@ -438,7 +439,7 @@ class AugmentConfig:
         if self.num_spatial_views not in (1, 3):
             raise ValueError(f"num_spatial_views must be 1 or 3, got {self.num_spatial_views}")
         # Pre-training recipes have no RandAugment or erasing: asking for them there is a recipe mistake.
-        if self.kind in ("multi_scale", "random_resized") and (self.rand_augment or self.erase_prob > 0):
+        if self.kind in ("multi_scale", "random_resized", "center") and (self.rand_augment or self.erase_prob > 0):
             raise ValueError(f"rand_augment and erase_prob are fine-tuning options, not for kind={self.kind!r}")
 
 
@@ -480,6 +481,8 @@ def build_transform(cfg: AugmentConfig, size: int) -> Transform:
             translate = int(0.45 * size)
             steps.append(partial(rand_augment, config_str=cfg.rand_augment, translate_const=translate))
         steps.append(partial(random_resized_crop, size=size, scale=cfg.rrc_scale))
+    elif cfg.kind == "center":
+        steps.append(partial(resized_center_crop, size=size))
     else:
         raise ValueError("kind='eval' has no random transform: use build_eval_views")
     if cfg.flip:
@@ -487,6 +490,11 @@ def build_transform(cfg: AugmentConfig, size: int) -> Transform:
     if cfg.erase_prob > 0:
         steps.append(partial(random_erasing, p=cfg.erase_prob))
     return Compose(tuple(steps))
+
+
+def resized_center_crop(clip: Clip, rng: random.Random, size: int) -> Clip:
+    """The short side resized to ``size``, then the centred square: the same for every draw (``rng`` unused)."""
+    return center_crop(resize_short_side(clip, size), size)
 
 
 def eval_views(clip: Clip, short_side: int, size: int, num_spatial_views: int) -> list[Clip]:

@@ -48,6 +48,9 @@ class DataConfig:
     sampling: Literal["dense", "segments"] = "dense"  # frames at a fixed stride, or one per segment (TSN, SSv2)
     sampling_rate: int = 4  # dense sampling: stride between sampled frames
     short_video: Literal["loop", "repeat_last", "skip"] = "loop"  # a video shorter than a clip's span
+    # repeated sampling (batch.repeats > 1, dense): the most frames between the first clip's start and any other's
+    # (VIMPAC's bound on the distance between a video's two clips); null = independent starts
+    repeat_max_distance: Optional[int] = None
     test_temporal_views: int = 1  # testing: clips along time per video (K in K×3 views)
     train_augment: AugmentConfig = field(default_factory=AugmentConfig)  # training clips
     eval_augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(kind="eval"))  # test views
@@ -60,6 +63,8 @@ class DataConfig:
     def __post_init__(self):
         if self.sampling_rate < 1 or self.test_temporal_views < 1:
             raise ValueError("sampling_rate and test_temporal_views must be >= 1")
+        if self.repeat_max_distance is not None and self.repeat_max_distance < 0:
+            raise ValueError(f"repeat_max_distance must be >= 0 or null, got {self.repeat_max_distance}")
         if self.train_augment.kind == "eval":
             raise ValueError("train_augment.kind must be a training pipeline, not 'eval'")
         if self.eval_augment.kind != "eval":
@@ -146,7 +151,7 @@ class TrainClips(_ClipSource):
         if cfg.sampling == "segments":
             return [segment_indices(num_frames, self.clip_len, rng) for _ in range(self.repeats)]
         return repeated_dense_indices(num_frames, self.clip_len, cfg.sampling_rate, self.repeats, rng,
-                                      self._short_policy)
+                                      self._short_policy, cfg.repeat_max_distance)
 
     @property
     def clips_per_item(self) -> int:

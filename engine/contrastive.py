@@ -9,7 +9,11 @@ clip is an anchor; its positive is the other clip of its video, its negatives ev
 and the symmetric L'(i) for b_i; eq. 5: L_cl = mean_i L(i) + mean_i L'(i). Each rank scores its own anchors against
 the gathered candidates, and the gather passes gradients back to the rank that owns each feature: with the
 gradients averaged over ranks (DeepSpeed's data parallelism), two ranks of B videos give the loss and the gradients
-of one rank of 2B.
+of one rank of 2B. (A rank whose micro-batch lost videos it could not read contributes fewer clips; the gather takes
+any sizes.)
+
+The contrastive head's BatchNorms take their statistics over the same global batch (``GlobalBatchNorm1d``; torch's
+SyncBatchNorm refuses CPU tensors), so that the features, and the loss, do not depend on how the batch is split.
 """
 
 from __future__ import annotations
@@ -17,32 +21,64 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from engine.evaluate import group_active
 
 
 class _GatherWithGradient(torch.autograd.Function):
-    """``all_gather`` of equal-sized tensors whose backward sums every rank's gradient for this rank's part (an
-    all-reduce then a slice: gloo has no reduce-scatter)."""
+    """``all_gather`` of tensors of any first size whose backward sums every rank's gradient for this rank's part (an
+    all-reduce then a slice: gloo has no reduce-scatter). Parts are padded to the largest for the collective."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        largest = max(sizes)
+        padded = torch.zeros(largest, *x.shape[1:], dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.rank, ctx.sizes, ctx.largest = dist.get_rank(), sizes, largest
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        padded = grad.new_zeros(len(ctx.sizes), ctx.largest, *grad.shape[1:])
+        for rank, part in enumerate(grad.split(ctx.sizes)):
+            padded[rank, : part.shape[0]] = part
+        dist.all_reduce(padded)
+        return padded[ctx.rank, : ctx.sizes[ctx.rank]], None
+
+
+class _AllReduceWithGradient(torch.autograd.Function):
+    """The sum over ranks; every rank uses it, so the gradient of each rank's input is the sum of every rank's."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.size = dist.get_rank(), x.shape[0]
-        return torch.cat(parts)
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+        return grad
 
 
-def gather_with_gradient(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``x`` (same shape everywhere) concatenated in rank order, gradients flowing back to the owners;
-    ``x`` itself without a process group of more than one rank."""
-    return _GatherWithGradient.apply(x) if group_active() else x
+def gather_with_gradient(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(every rank's ``x`` concatenated in rank order, where this rank's rows start), gradients flowing back to the
+    owners; ``(x, 0)`` without a process group of more than one rank."""
+    if not group_active():
+        return x, 0
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(c.item()) for c in counts]
+    return _GatherWithGradient.apply(x.contiguous(), sizes), sum(sizes[: dist.get_rank()])
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks, with gradients to every rank's ``x``; ``x`` itself on one rank."""
+    return _AllReduceWithGradient.apply(x) if group_active() else x
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -50,9 +86,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     videos (normalized here); the candidates are the global batch. Returns mean_i L(i) + mean_i L'(i) over this
     rank's videos."""
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    all_a, all_b = gather_with_gradient(a), gather_with_gradient(b)
+    (all_a, offset), (all_b, _) = gather_with_gradient(a), gather_with_gradient(b)
     n = a.shape[0]
-    offset = dist.get_rank() * n if group_active() else 0
     own = torch.arange(n, device=a.device) + offset  # this rank's videos in the global batch
 
     def one_side(anchor: torch.Tensor, same: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -62,3 +97,43 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
         return F.cross_entropy(torch.cat([positives_and_others, same_view], dim=1), own)
 
     return one_side(a, all_a, all_b) + one_side(b, all_b, all_a)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training statistics are those of the batch of every rank together (what
+    ``nn.SyncBatchNorm`` does on GPUs, on any device and process group), gradients included; on one rank it is
+    ``nn.BatchNorm1d``. Mean and variance are taken in two passes, in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and group_active()):
+            return super().forward(x)
+        values = x.float()
+        count = sum_over_ranks(torch.tensor([float(values.shape[0])], device=x.device))
+        mean = sum_over_ranks(values.sum(dim=0)) / count
+        var = sum_over_ranks(((values - mean) ** 2).sum(dim=0)) / count  # biased: what normalizes
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        out = (values - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight.float() + self.bias.float()
+        return out.to(x.dtype)
+
+
+def global_batch_norms(module: nn.Module) -> nn.Module:
+    """``module`` with every ``nn.BatchNorm1d`` replaced, in place, by a ``GlobalBatchNorm1d`` holding the same
+    parameters and statistics (names unchanged: checkpoints and exports are those of the plain model)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            replacement = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                            child.track_running_stats, device=child.weight.device if child.affine
+                                            else None)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            global_batch_norms(child)
+    return module

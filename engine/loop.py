@@ -221,7 +221,7 @@ def train(task: Task, info: DistInfo) -> TrainState:
                     if logging_step or periodic or request is not None:
                         state.unreadable += unreadable.gather()  # a collective: the same steps on every rank
                     if logging_step:
-                        _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops)
+                        _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops, task)
                     shown = None
                     if periodic or request is not None:
                         _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
@@ -313,7 +313,7 @@ def _check_finite(engine, value: float, step: int) -> None:
                             "is kept, resume from it after fixing the cause")
 
 
-def _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops) -> None:
+def _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops, task: Task) -> None:
     """``loss``: the last micro-batch's, checked; ``shown``: the last one with clips in this step, recorded. A step
     in which this rank decoded nothing has no loss to show: its record leaves "loss" out rather than log the 0 of
     a zero-weighted blank micro-batch as if the model were perfect."""
@@ -323,6 +323,7 @@ def _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops) ->
     if shown is not None:
         record["loss"] = value if shown is loss else shown.item()
         _check_finite(engine, record["loss"], state.step)
+        record.update(task.step_metrics())
     rates = throughput.read()
     record.update({"lr": lr, "wd": wd, "grad_norm": ds.global_grad_norm(engine), **rates,
                    **(utilization(flops, rates["clips_per_s"], ds.peak_flops()) if flops else {}), "peak_mem_gib": peak_memory_gib(),

@@ -47,7 +47,8 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "lars")
 
 @dataclass
 class OptimConfig:
-    """The optimizer (AdamW, SGD or LARS) + cosine schedule with linear warmup (VideoMAE / MAE-ST style).
+    """The optimizer (AdamW, SGD or LARS) + linear warmup, then a cosine (VideoMAE / MAE-ST) or linear (VIMPAC, BERT)
+    decay of the lr.
 
     ``betas`` and ``eps`` are AdamW's only; ``momentum`` and ``nesterov`` apply to SGD and LARS, and
     ``trust_coefficient`` to LARS. Weight decay is AdamW's decoupled decay, but SGD's and LARS's L2 term
@@ -60,8 +61,10 @@ class OptimConfig:
     blr: float = 1.5e-4
     # absolute peak lr; when set, used as is and `blr` is ignored
     lr: Optional[float] = None
-    # absolute lr at the end of the cosine decay (not batch-scaled, as in VideoMAE)
+    # absolute lr at the end of the decay (not batch-scaled, as in VideoMAE)
     min_lr: float = 1e-6
+    # shape of the lr decay after warmup: half cosine (VideoMAE, MAE-ST) or straight line (VIMPAC, BERT)
+    lr_decay: Literal["cosine", "linear"] = "cosine"
     # absolute lr at the first warmup step (not batch-scaled)
     warmup_lr: float = 1e-6
     # weight decay: AdamW's decoupled decay, SGD's / LARS's L2 term (start value when a cosine wd schedule is used)
@@ -101,6 +104,8 @@ class OptimConfig:
         )
         require(all(0 <= b < 1 for b in self.betas), f"betas must lie in [0, 1), got {self.betas}")
         require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(self.lr_decay in DECAY_SHAPES, f"lr_decay must be one of {', '.join(DECAY_SHAPES)}, got "
+                f"{self.lr_decay!r}")
         require(self.name in OPTIMIZERS, f"name must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
         require(0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}")
         require(
@@ -244,10 +249,15 @@ def describe_groups(groups: Iterable[dict]) -> str:
 # --------------------------------------------------------------------------
 
 
+DECAY_SHAPES = ("cosine", "linear")
+
+
 def cosine_schedule(
-    step: int, total_steps: int, warmup_steps: int, base: float, final: float, warmup_start: float
+    step: int, total_steps: int, warmup_steps: int, base: float, final: float, warmup_start: float,
+    shape: str = "cosine",
 ) -> float:
-    """Value at optimizer step ``step``: linear warmup, then half-cycle cosine, then constant.
+    """Value at optimizer step ``step``: linear warmup, then half-cycle cosine (or, with ``shape="linear"``, a
+    straight line), then constant.
 
     ``warmup_start`` at step 0, rising linearly to ``base`` at ``warmup_steps``; from there a
     half cosine down to ``final`` at ``total_steps``, and ``final`` after it (a resumed or
@@ -261,6 +271,8 @@ def cosine_schedule(
     # warmup_steps == total_steps (warmup_epochs == epochs) leaves no cosine phase: final at the end.
     cosine_steps = total_steps - warmup_steps
     progress = min(1.0, (step - warmup_steps) / cosine_steps) if cosine_steps > 0 else 1.0
+    if shape == "linear":
+        return base + (final - base) * progress
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -287,6 +299,8 @@ class Schedules:
     weight_decay: float
     # wd at total_steps of a cosine wd schedule (VideoMAE); None keeps wd constant
     weight_decay_end: Optional[float] = None
+    # shape of the lr decay after warmup: "cosine" or "linear"
+    lr_decay: str = "cosine"
 
     def __post_init__(self) -> None:
         _check_lengths(self.total_steps, self.warmup_steps)
@@ -298,10 +312,11 @@ class Schedules:
             raise ValueError("the schedules need step counts: call derive() with num_train_samples")
         return cls(total_steps=derived.total_steps, warmup_steps=derived.warmup_steps, lr=derived.lr,
                    min_lr=derived.min_lr, warmup_lr=derived.warmup_lr, weight_decay=optim.weight_decay,
-                   weight_decay_end=optim.weight_decay_end)
+                   weight_decay_end=optim.weight_decay_end, lr_decay=optim.lr_decay)
 
     def lr_at(self, step: int) -> float:
-        return cosine_schedule(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr)
+        return cosine_schedule(step, self.total_steps, self.warmup_steps, self.lr, self.min_lr, self.warmup_lr,
+                               self.lr_decay)
 
     def wd_at(self, step: int) -> float:
         if self.weight_decay_end is None:

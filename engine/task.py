@@ -74,6 +74,11 @@ class Task:
         """The scalar loss of one collated micro-batch, already on the device; ``generator`` draws its masks."""
         raise NotImplementedError(f"{type(self).__name__} must define loss()")
 
+    def step_metrics(self) -> dict[str, float]:
+        """Values of the last micro-batch to log beside its loss at a logging step (the parts of a loss made of
+        several); called on every rank, recorded by rank 0."""
+        return {}
+
     def train_flops_per_clip(self) -> Optional[float]:
         """Model FLOPs of one clip's forward + backward, for FLOP/s and MFU; None when unknown."""
         return None

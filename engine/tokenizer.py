@@ -195,12 +195,12 @@ def load_tokenizer(cfg: TokenizerConfig, path: str) -> VQTokenizer:
     return model.eval().requires_grad_(False)
 
 
-def load_trained_tokenizer(path: str) -> VQTokenizer:
+def load_trained_tokenizer(path: str, setting: str = "model.target.tokenizer") -> VQTokenizer:
     """The tokenizer a ``run_scripts/tokenizer.py`` run exported to ``path`` (its weights.pt), built with the
-    architecture of the run's config.yaml beside it, frozen."""
+    architecture of the run's config.yaml beside it, frozen. ``setting``: the config key that gave ``path``."""
     config = Path(path).parent / "config.yaml"
     if not Path(path).is_file() or not config.is_file():
-        raise ConfigError(f"target.tokenizer={path}: expected the weights.pt of a run_scripts/tokenizer.py run, with "
+        raise ConfigError(f"{setting}={path}: expected the weights.pt of a run_scripts/tokenizer.py run, with "
                           f"its config.yaml beside it")
     return load_tokenizer(load_config(TokenizerTrainConfig, str(config)).model, path)
 

@@ -104,8 +104,10 @@ _BLOCK_PARAM = (
     r"blocks\.\d+\.(?:(?:norm1|norm2|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)"
     r"|attn\.qkv\.weight|attn\.q_bias|attn\.v_bias|gamma_1|gamma_2)"
 )
-# Our own additions to the official layout (MAE-ST options): learnable separable position tables, cls token.
-_OWN_EMBEDDINGS = r"cls_token|pos_embed\.(?:spatial|temporal|cls)"
+# Our own additions to the official layout: learnable separable (MAE-ST) or factorized (VIMPAC) position tables, a cls
+# token, and the code embedding and its norm of a transformer over tokenizer codes (models.vimpac.TokenViT).
+_OWN_EMBEDDINGS = (r"cls_token|pos_embed\.(?:spatial|temporal|height|width|cls)|token_embed\.weight"
+                   r"|embed_norm\.(?:weight|bias)")
 _CLASSIFIER_KEY = re.compile(
     rf"patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|(?:norm|fc_norm|head)\.(?:weight|bias)|{_OWN_EMBEDDINGS}"
 )
@@ -117,7 +119,9 @@ _PRETRAIN_KEY = re.compile(
 
 
 def _is_pretrain_only(key: str) -> bool:
-    return key.startswith(("decoder.", "decoder_pos_embed.")) or key in ("encoder_to_decoder.weight", "mask_token")
+    """VideoMAE's decoder, or VIMPAC's token and contrastive heads."""
+    return (key.startswith(("decoder.", "decoder_pos_embed.", "token_head.", "contrastive_head."))
+            or key in ("encoder_to_decoder.weight", "mask_token"))
 
 
 def _classifier_name(source: str) -> str:
@@ -451,9 +455,11 @@ def load_into_classifier(model, checkpoint: Mapping) -> LoadReport:
     if "pos_embed.spatial" in sd and sd["pos_embed.spatial"].shape != own["pos_embed.spatial"].shape:
         sd["pos_embed.spatial"] = resample_spatial(sd["pos_embed.spatial"], grid[1:])
         report.resampled.append("pos_embed.spatial")
-    if "pos_embed.temporal" in sd and sd["pos_embed.temporal"].shape != own["pos_embed.temporal"].shape:
-        sd["pos_embed.temporal"] = resample_temporal(sd["pos_embed.temporal"], grid[0])
-        report.resampled.append("pos_embed.temporal")
+    # temporal: MAE-ST's and VIMPAC's time table; height, width: VIMPAC's factorized space, each linear along its axis
+    for key, length in (("pos_embed.temporal", grid[0]), ("pos_embed.height", grid[1]), ("pos_embed.width", grid[2])):
+        if key in sd and key in own and sd[key].shape != own[key].shape:
+            sd[key] = resample_temporal(sd[key], length)
+            report.resampled.append(key)
     wrong_shape = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     if wrong_shape:
         details = ", ".join(f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong_shape)

@@ -1,6 +1,6 @@
 """Position embeddings for a (t, h, w) token grid, always flattened t-major.
 
-Two kinds are supported:
+Three kinds are supported:
 
 * ``sincos``: VideoMAE's fixed table. It is the 1-D Transformer sinusoid over the *flattened* token index
   (not a factorised 3-D table), with sin on even and cos on odd channels. Official VideoMAE and Hugging Face
@@ -9,6 +9,10 @@ Two kinds are supported:
 * ``separable``: MAE-ST's learnable space + time embeddings. The table for token (t, s) is
   ``spatial[s] + temporal[t]``; an optional extra vector serves the cls token. For another grid the two
   parts are resampled separately (bicubic over space, linear over time).
+* ``factorized``: VIMPAC's learnable time + height + width embeddings (its eq. 8): token (t, i, j) gets
+  ``temporal[t] + height[i] + width[j]``, each part initialised with std 0.02/√3 so that their sum has VIMPAC's 0.02;
+  an optional extra vector serves the cls token. For another grid each part is resampled linearly along its axis
+  (VIMPAC's 128 → 256 px continuation).
 """
 
 from __future__ import annotations
@@ -98,8 +102,18 @@ class PositionEmbedding(nn.Module):
                 self.cls = nn.Parameter(torch.zeros(1, 1, dim))
             for p in self.parameters():
                 nn.init.trunc_normal_(p, std=0.02)
+        elif kind == "factorized":
+            t, h, w = grid
+            self.temporal = nn.Parameter(torch.zeros(1, t, dim))
+            self.height = nn.Parameter(torch.zeros(1, h, dim))
+            self.width = nn.Parameter(torch.zeros(1, w, dim))
+            for p in self.parameters():
+                nn.init.trunc_normal_(p, std=0.02 / math.sqrt(3))
+            if cls_token:
+                self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+                nn.init.trunc_normal_(self.cls, std=0.02)
         else:
-            raise ValueError(f"unknown position embedding {kind!r}; expected 'sincos' or 'separable'")
+            raise ValueError(f"unknown position embedding {kind!r}; expected 'sincos', 'separable' or 'factorized'")
 
     def forward(self, grid: Grid) -> torch.Tensor:
         grid = tuple(grid)
@@ -108,6 +122,12 @@ class PositionEmbedding(nn.Module):
                 return self.table
             # The 1-D table only depends on the token count: VideoMAE rebuilds it for every new input size.
             return sincos_table(math.prod(grid), self.dim, device=self.table.device)
+        if self.kind == "factorized":
+            t, h, w = grid
+            temporal = resample_temporal(self.temporal, t)
+            height, width = resample_temporal(self.height, h), resample_temporal(self.width, w)
+            table = temporal[:, :, None, None] + height[:, None, :, None] + width[:, None, None, :]
+            return table.reshape(1, t * h * w, self.dim)
         h, w = self.grid[1:]
         spatial = self.spatial if grid[1:] == (h, w) else resample_spatial(self.spatial, grid[1:], (h, w))
         return separable_table(spatial, self.temporal, grid)

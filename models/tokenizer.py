@@ -126,6 +126,14 @@ class VQTokenizer(nn.Module):
         return self.decoder(quantized.to(self.decoder[0].weight.dtype))
 
 
+def on_device(tokenizer: VQTokenizer, device: torch.device) -> VQTokenizer:
+    """``tokenizer`` moved to ``device`` the first time it is needed there (float32 always): a frozen tokenizer kept
+    outside a model's registered modules does not follow the model's ``.to()``, and must not follow its casts."""
+    if next(tokenizer.parameters()).device != device:
+        tokenizer.to(device)
+    return tokenizer
+
+
 def code_statistics(codes: torch.Tensor, codebook_size: int) -> dict[str, float]:
     """``codebook_statistics`` of the codes (any shape) of a tokenizer with ``codebook_size`` codes."""
     return codebook_statistics(torch.bincount(codes.reshape(-1), minlength=codebook_size))

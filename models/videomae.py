@@ -19,6 +19,7 @@ from torch import nn
 from models.flops import linear_flops, transformer_flops
 from models.hog import HOGConfig, hog
 from models.pos_embed import PositionEmbedding
+from models.tokenizer import on_device
 from models.vit import ViTConfig, VisionTransformer, enable_checkpointing, make_blocks, run_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -257,20 +258,13 @@ class VideoMAE(nn.Module):
             # One time slice per token (MAE-ST): the first frame of each tubelet.
             video = video[:, :, :: self.tubelet]
         if self.cfg.target.kind == "tokens":  # the tokenizer reads the normalized clip, as it was trained on it
-            tokenizer = self._tokenizer_on(video.device)
+            tokenizer = on_device(self.__dict__["tokenizer"], video.device)
             codes = tokenizer.tokenize(video.float())
             return code_tokens(codes, self.pred_frames, self.patch // tokenizer.cfg.downsample)
         raw = self.pixels(video)
         if self.cfg.target.kind == "hog":
             return hog_tokens(raw, self.pred_frames, self.patch, self.cfg.target.hog)
         return normalize_patches(patchify(raw, self.pred_frames, self.patch), self.cfg.target.normalize)
-
-    def _tokenizer_on(self, device: torch.device):
-        """The frozen tokenizer, moved to ``device`` the first time it is needed there (float32 always)."""
-        tokenizer = self.__dict__["tokenizer"]
-        if next(tokenizer.parameters()).device != device:
-            tokenizer.to(device)
-        return tokenizer
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor, decoder_mask: Optional[torch.Tensor] = None):
         """video (B, C, T, H, W) normalized; mask (B, N) True = hidden from the encoder;

@@ -20,24 +20,32 @@ from torch.utils.checkpoint import checkpoint
 from models.flops import linear_flops, transformer_flops
 from models.pos_embed import PositionEmbedding
 
-# (embed_dim, depth, num_heads) of the VideoMAE family, plus a debug size for tests and CPU smoke runs.
+# (embed_dim, depth, num_heads) of the VideoMAE family, plus a debug size for tests and CPU smoke runs, and VIMPAC's
+# Table 3 sizes (its Large-Half also halves the head width and the MLP: head_dim 32, mlp_ratio 2 in its recipe).
 ARCHS = {
     "vit_debug": (64, 2, 4),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
+    "vimpac_small": (512, 6, 8),
+    "vimpac_base": (768, 12, 12),
+    "vimpac_large_half": (1024, 24, 16),
 }
+ArchName = Literal["vit_debug", "vit_small", "vit_base", "vit_large", "vit_huge", "vimpac_small", "vimpac_base",
+                   "vimpac_large_half"]
 
 Grid = tuple[int, int, int]
 
 
 @dataclass
 class ViTConfig:
-    arch: Literal["vit_debug", "vit_small", "vit_base", "vit_large", "vit_huge"] = "vit_base"  # size preset
+    arch: ArchName = "vit_base"  # size preset
     embed_dim: Optional[int] = None  # overrides the preset's width
     depth: Optional[int] = None  # overrides the preset's number of blocks
     num_heads: Optional[int] = None  # overrides the preset's number of attention heads
+    # width of one attention head; None = embed_dim / num_heads (VIMPAC Large-Half: 32, half its 64)
+    head_dim: Optional[int] = None
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
     num_frames: int = 16  # input frames the position table is built for
     img_size: int = 224  # input height = width the position table is built for
@@ -49,15 +57,21 @@ class ViTConfig:
     drop_path: float = 0.0  # stochastic depth rate of the last block (linear ramp from 0)
     drop: float = 0.0  # dropout after attention projection and in the MLP
     attn_drop: float = 0.0  # dropout on attention probabilities
-    pos_embed: Literal["sincos", "separable"] = "sincos"  # fixed VideoMAE table or MAE-ST learnable space+time
+    # fixed VideoMAE table, MAE-ST learnable space + time, or VIMPAC learnable time + height + width
+    pos_embed: Literal["sincos", "separable", "factorized"] = "sincos"
     cls_token: bool = False  # prepend a learnable cls token (MAE-ST); VideoMAE has none
     checkpointing: Literal["none", "torch", "fairscale", "fairscale_offload"] = "none"  # per-block recompute
     attention: Literal["sdpa", "manual"] = "sdpa"  # fused scaled_dot_product_attention or the explicit softmax
     norm_eps: float = 1e-6  # LayerNorm epsilon everywhere in the network
+    # LayerNorm before each residual branch (ViT, VideoMAE; a final norm after the last block) or after the residual
+    # sum (the original Transformer and BERT, VIMPAC's default; no final norm)
+    norm_layout: Literal["pre", "post"] = "pre"
 
     def __post_init__(self):
         dim, _, heads = self.dims()
-        if dim % heads:
+        if self.norm_layout not in ("pre", "post"):
+            raise ValueError(f"norm_layout must be 'pre' or 'post', got {self.norm_layout!r}")
+        if dim % heads and self.head_dim is None:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
         if self.num_frames % self.tubelet_size or self.img_size % self.patch_size:
             raise ValueError(
@@ -69,6 +83,11 @@ class ViTConfig:
         """(embed_dim, depth, num_heads) after applying overrides to the preset."""
         dim, depth, heads = ARCHS[self.arch]
         return self.embed_dim or dim, self.depth or depth, self.num_heads or heads
+
+    def attn_dim(self) -> int:
+        """Width of the attention's queries, keys and values: heads × head width."""
+        dim, _, heads = self.dims()
+        return heads * self.head_dim if self.head_dim else dim
 
     @property
     def grid(self) -> Grid:
@@ -113,17 +132,19 @@ class PatchEmbed3D(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and BEiT-style q/v biases."""
 
-    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, use_sdpa=True):
+    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, use_sdpa=True, head_dim=None):
         super().__init__()
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+        head_dim = head_dim or dim // num_heads
+        inner = num_heads * head_dim  # = dim unless the heads are narrowed (Sparse Transformer, VIMPAC Large-Half)
+        self.scale = head_dim**-0.5
         self.use_sdpa = use_sdpa
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = nn.Linear(dim, inner * 3, bias=False)
         # Official VideoMAE keeps separate q/v biases and no k bias; a k bias would cancel in softmax anyway.
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.proj = nn.Linear(dim, dim)
+        self.q_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
+        self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def qkv_bias(self) -> Optional[torch.Tensor]:
@@ -132,9 +153,9 @@ class Attention(nn.Module):
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+        b, n, _ = x.shape
         qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         drop = self.attn_drop if self.training else 0.0
         if self.use_sdpa:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
@@ -142,12 +163,13 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = F.dropout(attn.softmax(dim=-1), p=drop)
             x = attn @ v
-        x = x.transpose(1, 2).reshape(b, n, c)
+        x = x.transpose(1, 2).reshape(b, n, -1)
         return self.proj_drop(self.proj(x))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with optional LayerScale (``gamma_1``/``gamma_2``) and stochastic depth."""
+    """Pre-norm transformer block with optional LayerScale (``gamma_1``/``gamma_2``) and stochastic depth; with
+    ``post_norm`` the norms follow the residual sums instead (``norm1(x + attn(x))``, then ``norm2(x + mlp(x))``)."""
 
     def __init__(
         self,
@@ -161,10 +183,13 @@ class Block(nn.Module):
         layer_scale_init=0.0,
         norm_eps=1e-6,
         use_sdpa=True,
+        head_dim=None,
+        post_norm=False,
     ):
         super().__init__()
+        self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, use_sdpa)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, use_sdpa, head_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
@@ -175,19 +200,27 @@ class Block(nn.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.drop_path(self._scaled(self.gamma_1, self.attn(x))))
+            return self.norm2(x + self.drop_path(self._scaled(self.gamma_2, self.mlp(x))))
         if self.gamma_1 is None:
             x = x + self.drop_path(self.attn(self.norm1(x)))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
+    @staticmethod
+    def _scaled(gamma: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return x if gamma is None else gamma * x
+
 
 def make_blocks(dim, depth, num_heads, mlp_ratio, *, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0,
-                layer_scale_init=0.0, norm_eps=1e-6, use_sdpa=True) -> nn.ModuleList:
+                layer_scale_init=0.0, norm_eps=1e-6, use_sdpa=True, head_dim=None, post_norm=False) -> nn.ModuleList:
     """``depth`` blocks with the stochastic-depth rate ramped linearly from 0 to ``drop_path``."""
     rates = [drop_path * i / (depth - 1) if depth > 1 else drop_path for i in range(depth)]
     return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, rate, layer_scale_init, norm_eps, use_sdpa)
+        Block(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, rate, layer_scale_init, norm_eps, use_sdpa,
+              head_dim, post_norm)
         for rate in rates
     )
 
@@ -246,9 +279,11 @@ class VisionTransformer(nn.Module):
         self.blocks = make_blocks(
             dim, depth, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop=cfg.drop, attn_drop=cfg.attn_drop,
             drop_path=cfg.drop_path, layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps,
-            use_sdpa=cfg.attention == "sdpa",
+            use_sdpa=cfg.attention == "sdpa", head_dim=cfg.head_dim, post_norm=cfg.norm_layout == "post",
         )
-        self.norm = nn.Identity() if global_pool == "mean" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+        # post-norm blocks end on a norm already
+        final_norm = global_pool != "mean" and cfg.norm_layout == "pre"
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if final_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if global_pool == "mean" else None
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -336,7 +371,7 @@ class VisionTransformer(nn.Module):
         patch_volume = self.cfg.in_chans * self.cfg.tubelet_size * self.cfg.patch_size**2
         flops = linear_flops(num_tokens, patch_volume, self.embed_dim)
         flops += transformer_flops(num_tokens + self.num_prefix_tokens, self.embed_dim, self.depth,
-                                   self.cfg.mlp_ratio)
+                                   self.cfg.mlp_ratio, self.cfg.attn_dim())
         if self.global_pool != "none" and isinstance(self.head, nn.Linear):
             flops += linear_flops(1, self.embed_dim, self.head.out_features)
         return flops

@@ -1,0 +1,133 @@
+"""VIMPAC pre-training: mask-then-predict on the codes of a frozen tokenizer, plus InfoNCE between two clips of each
+video, as a task of the shared training loop.
+
+Each training item is one video decoded once and cut into two clips with independent starts (``batch.repeats=2``;
+``data.repeat_max_distance`` bounds their distance), resized and centre-cropped without any other spatial
+augmentation. Both clips are tokenized on the device by the frozen tokenizer, block-masked (VIMPAC's union of
+``mask.block_count`` boxes), and scored by the token head on their hidden positions; the [CLS] features of the two
+clips are the positive pair of the contrastive loss, every other clip of the global batch a negative. The loss is
+VIMPAC's eq. 6: ``L_mask + α·γ·L_cl``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from datasets.transforms import AugmentConfig
+from datasets.video_dataset import DataConfig, TrainClips, model_input
+from engine import ds
+from engine.config import BatchConfig
+from engine.contrastive import global_batch_norms, info_nce
+from engine.data import read_split
+from engine.loop import RunConfig
+from engine.optim import OptimConfig
+from engine.task import Task
+from engine.tokenizer import load_trained_tokenizer
+from models.masking import MaskConfig, block_union_mask, build_mask_generator
+from models.vimpac import VIMPAC, VimpacModelConfig
+
+log = logging.getLogger("vimpac")
+
+
+@dataclass
+class ContrastiveConfig:
+    # α of eq. 6, the weight of the contrastive loss; 0 = mask-then-predict only (no contrastive head is built)
+    weight: float = 1.0
+    # γ of eq. 4-6, the temperature (VIMPAC: 0.2); the loss is multiplied by it too, which VIMPAC found steadier
+    temperature: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.temperature <= 0:
+            raise ValueError(f"weight must be >= 0 and temperature > 0, got {self.weight}, {self.temperature}")
+
+
+def _vimpac_data() -> DataConfig:
+    # VIMPAC pre-training: the short side resized to the input size and the centre crop, nothing else
+    return DataConfig(train_augment=AugmentConfig(kind="center", flip=False))
+
+
+def _vimpac_optim() -> OptimConfig:
+    # VIMPAC Table 4 (analysis column): AdamW (0.9, 0.98), wd 0.05, lr 1e-3 at 1024 videos (= blr 2.5e-4 per 256),
+    # linear warmup over a tenth of the run and linear decay, gradients clipped at 1
+    return OptimConfig(blr=2.5e-4, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.05, epochs=10, warmup_epochs=1,
+                       warmup_lr=0.0, min_lr=0.0, lr_decay="linear", clip_grad=1.0)
+
+
+@dataclass
+class VimpacConfig:
+    model: VimpacModelConfig = field(default_factory=VimpacModelConfig)  # transformer over codes, tokenizer, heads
+    mask: MaskConfig = field(default_factory=lambda: MaskConfig(kind="block", block_count=5))  # VIMPAC, 5x16x16
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # α and γ of the contrastive loss
+    data: DataConfig = field(default_factory=_vimpac_data)  # videos, clip sampling (two clips each), no augmentation
+    batch: BatchConfig = field(default_factory=lambda: BatchConfig(repeats=2))  # repeats: clips per video
+    optim: OptimConfig = field(default_factory=_vimpac_optim)  # AdamW and its linear schedule
+    ds: ds.DeepSpeedConfig = field(default_factory=ds.DeepSpeedConfig)  # ZeRO stage and precision
+    run: RunConfig = field(default_factory=RunConfig)  # output directory, seed, logging, checkpoints
+
+    def __post_init__(self) -> None:
+        if self.contrastive.weight > 0 and self.batch.repeats != 2:
+            raise ValueError(f"the contrastive loss pairs two clips of each video: set batch.repeats=2 (got "
+                             f"{self.batch.repeats}), or contrastive.weight=0")
+        if self.data.sampling != "dense":
+            raise ValueError("VIMPAC samples its clips densely: set data.sampling=dense")
+
+
+class VimpacTask(Task):
+    """VIMPAC pre-training for ``engine.loop.train``."""
+
+    config_class = VimpacConfig
+
+    def __init__(self, cfg: VimpacConfig):
+        super().__init__(cfg)
+        if not cfg.model.tokenizer:
+            raise ValueError("model.tokenizer is not set: VIMPAC needs the weights.pt of run_scripts/tokenizer.py")
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
+        tokenizer = load_trained_tokenizer(cfg.model.tokenizer, "model.tokenizer")
+        encoder = cfg.model.encoder
+        self.model = global_batch_norms(VIMPAC(cfg.model, tokenizer, contrastive=cfg.contrastive.weight > 0))
+        log.info("tokens: the frozen tokenizer of %s (%d codes, %d-pixel cells), token grid %s", cfg.model.tokenizer,
+                 tokenizer.cfg.codebook_size, tokenizer.cfg.downsample, encoder.grid)
+        self.train_set = TrainClips(read_split(cfg.data, "train"), cfg.data, clip_len=encoder.num_frames,
+                                    size=encoder.img_size, repeats=cfg.batch.repeats, seed=cfg.run.seed)
+        self.masks = None if cfg.mask.block_count else build_mask_generator(cfg.mask, encoder.grid)
+        self._last: dict[str, torch.Tensor] = {}
+
+    def _mask(self, clips: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+        mask = self.cfg.mask
+        if self.masks is not None:
+            return self.masks(clips, device=device, generator=generator)[0]
+        return block_union_mask(clips, self.cfg.model.encoder.grid, mask.block_count, device, generator,
+                                max_time_fraction=mask.block_max_time_fraction,
+                                max_space_fraction=mask.block_max_space_fraction)
+
+    def loss(self, engine, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        # float32 whatever the engine's precision: the tokenizer reads the clip in float32.
+        video = model_input(batch["video"], self.cfg.data, torch.float32)
+        mask_loss, accuracy, features = engine(video, self._mask(video.shape[0], video.device, generator))
+        self._last = {"mask_loss": mask_loss.detach(), "mask_accuracy": accuracy}
+        if features is None:
+            return mask_loss
+        # collate keeps each video's clips together: clip 1 and clip 2 of video i are rows 2i and 2i + 1
+        contrastive = info_nce(features[0::2], features[1::2], self.cfg.contrastive.temperature)
+        self._last["contrastive_loss"] = contrastive.detach()
+        return mask_loss + self.cfg.contrastive.weight * self.cfg.contrastive.temperature * contrastive
+
+    def step_metrics(self) -> dict[str, float]:
+        return {name: value.item() for name, value in self._last.items()}
+
+    def token_grid(self) -> tuple[int, int, int]:
+        return self.cfg.model.encoder.grid
+
+    def train_flops_per_clip(self) -> float:
+        grid = self.cfg.model.encoder.grid
+        if self.masks is not None:
+            hidden = float(self.masks.num_masked)
+        else:  # block unions hide a varying count: its mean over a few hundred draws
+            draws = self._mask(256, torch.device("cpu"), torch.Generator().manual_seed(0))
+            hidden = draws.float().sum(dim=1).mean().item()
+        return 3 * self.model.forward_flops(grid, hidden)
+
+
