@@ -41,8 +41,9 @@ log = logging.getLogger("features")
 class FeatureConfig:
     # augmented views cached per training video (data.train_augment; epoch e of the probe trains on view e mod this)
     train_views: int = 1
-    # pooled features cached per clip: mean (last block, no norm), norm_mean (after the final norm), last_k_mean
-    pools: list[str] = field(default_factory=lambda: list(POOLS))
+    # pooled features cached per clip: mean (last block, no norm), norm_mean (after the final norm), last_k_mean, and
+    # for an encoder with a cls token cls ([CLS] after the final norm: VIMPAC's feature)
+    pools: list[str] = field(default_factory=lambda: [p for p in POOLS if p != "cls"])
     # blocks averaged by last_k_mean
     last_k: int = 4
     # dataset items per shard file: what a killed extraction recomputes at most, per rank

@@ -28,6 +28,7 @@ from engine.loop import RunConfig
 from engine.mixup import MixupConfig, build_mixup, classification_loss
 from engine.optim import OptimConfig
 from engine.task import Task, export_final_weights
+from engine.tokenizer import load_trained_tokenizer
 from models.convert import load_into_classifier
 from models.masking import MaskConfig, build_mask_generator
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
@@ -40,6 +41,9 @@ class FinetuneModelConfig(ClassifierConfig):
     # weights to start from: our pre-training export, a fine-tuned checkpoint, an official VideoMAE / V2
     # release or a Hugging Face VideoMAE checkpoint; None trains from scratch
     init: Optional[str] = None
+    # a classifier over tokenizer codes (VIMPAC): the weights.pt of the frozen tokenizer it reads them from, run in
+    # front of the transformer on every clip; "" = a ViT over pixels
+    tokenizer: str = ""
 
 
 @dataclass
@@ -125,9 +129,18 @@ class FinetuneConfig:
                              f"{self.model.num_classes}")
 
 
+def build_model(cfg: FinetuneModelConfig):
+    """The classifier, freshly initialised: a ViT over pixels, or over the codes of ``cfg.tokenizer``."""
+    if not cfg.tokenizer:
+        return build_classifier(cfg)
+    from models.vimpac import build_token_classifier
+
+    return build_token_classifier(cfg, load_trained_tokenizer(cfg.tokenizer, "model.tokenizer"))
+
+
 def build_initial_model(cfg: FinetuneModelConfig):
     """The classifier, with the weights of ``cfg.init`` when set (a fresh head where they have none)."""
-    model = build_classifier(cfg)
+    model = build_model(cfg)
     if cfg.init:
         report = load_into_classifier(model, checkpoint.read_checkpoint(cfg.init))
         log.info("initial weights from %s: %s", cfg.init, report)
@@ -138,7 +151,7 @@ def build_initial_model(cfg: FinetuneModelConfig):
 
 def load_trained_model(cfg: FinetuneModelConfig, path: str):
     """A classifier holding fine-tuned weights: unlike ``build_initial_model``, a missing head is an error."""
-    model = build_classifier(cfg)
+    model = build_model(cfg)
     report = load_into_classifier(model, checkpoint.read_checkpoint(path))
     if report.fresh:
         raise ValueError(f"{path} has no classification head for {cfg.num_classes} classes (it lacks "

@@ -39,6 +39,7 @@ from engine.finetune import multiview_test_set, validation_set
 from engine.loop import RunConfig
 from engine.optim import OptimConfig, optimizer_over
 from engine.task import Task, export_final_weights
+from engine.tokenizer import load_trained_tokenizer
 from models.convert import unwrap_state_dict
 from models.probe import POOLS, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
 from models.vit import ViTConfig
@@ -57,6 +58,8 @@ class ProbeModelConfig:
     # VideoMAE / V2 release or a Hugging Face VideoMAE checkpoint; "" = the encoder at random initialisation
     # (a baseline: what the probe reads out of the architecture alone)
     init: str = ""
+    # an encoder over tokenizer codes (VIMPAC): the weights.pt of the tokenizer it was pre-trained on; "" = pixels
+    tokenizer: str = ""
 
 
 @dataclass
@@ -153,13 +156,15 @@ class LinearProbeConfig:
 # ---- the frozen encoder ----------------------------------------------------------------------------------------
 
 
-_ENCODER_KEYS = ("patch_embed.proj.weight", "videomae.embeddings.patch_embeddings.projection.weight")
+_ENCODER_KEYS = ("patch_embed.proj.weight", "videomae.embeddings.patch_embeddings.projection.weight",
+                 "token_embed.weight")
 
 
 def build_feature_encoder(model: ProbeModelConfig, last_k: int) -> FeatureEncoder:
     """The frozen encoder with the weights of ``model.init`` (eval mode, no gradients), or at random initialisation
     when it is empty. A checkpoint holding no encoder, or one of another geometry, is the user's mistake."""
-    encoder = FeatureEncoder(model.encoder, last_k)
+    tokenizer = load_trained_tokenizer(model.tokenizer, "model.tokenizer") if model.tokenizer else None
+    encoder = FeatureEncoder(model.encoder, last_k, tokenizer)
     if model.init:
         weights = unwrap_state_dict(checkpoint.read_checkpoint(model.init))
         if not any(key.endswith(_ENCODER_KEYS) for key in weights):
@@ -195,6 +200,7 @@ def cache_features(cfg: LinearProbeConfig, device: torch.device) -> dict[str, Fe
     pools = list(cfg.features.pools)
     geometry = {k: v for k, v in to_dict(cfg.model.encoder).items() if k not in ("drop_path", "checkpointing")}
     base = {"encoder": geometry, **_checkpoint_identity(cfg.model.init), "pools": pools,
+            "tokenizer": _checkpoint_identity(cfg.model.tokenizer),
             "last_k": cfg.features.last_k, "shard_items": cfg.features.shard_items, "precision": str(dtype),
             "data": to_dict(cfg.data)}
     splits = {"train": AugmentedViews(train_clips(cfg.data, cfg.model.encoder, 1, cfg.run.seed),

@@ -494,7 +494,8 @@ def load_into_pretrain(model, checkpoint: Mapping) -> ConversionReport:
 class EncoderLoadReport(LoadReport):
     """``LoadReport`` of an encoder read out on every token, plus where its final norm came from."""
 
-    norm_source: str = "norm"  # "norm" (the checkpoint's final norm), "fc_norm" or "fresh" (ones / zeros)
+    # "norm" (the checkpoint's final norm), "fc_norm", "fresh" (ones / zeros) or "none" (post-norm blocks: no final norm)
+    norm_source: str = "norm"
     # the checkpoint's mean-pooling fc_norm (weight, bias) when it had no final norm and it was not copied into
     # one: what that checkpoint's classifier applied to the mean of the tokens
     fc_norm: Optional[dict[str, torch.Tensor]] = None
@@ -536,21 +537,26 @@ def load_into_encoder(encoder, checkpoint: Mapping, *, norm_from_fc_norm: bool =
     """
     from dataclasses import replace
 
-    from models.vit import VisionTransformer
+    from torch import nn
 
     sd = unwrap_state_dict(checkpoint)
     has_norm = any(k in sd for k in _FINAL_NORM_KEYS)
     has_fc_norm = any(k in sd for k in _FC_NORM_KEYS)
+    final_norm = isinstance(encoder.norm, nn.LayerNorm)  # post-norm blocks end on a norm: there is no final one
+    pool = "first" if has_norm or not (final_norm or has_fc_norm) else "mean"
     # drop_path and checkpointing change no weight; the temporary model needs neither.
-    classifier = VisionTransformer(replace(encoder.cfg, checkpointing="none", drop_path=0.0), num_classes=0,
-                                   global_pool="first" if has_norm else "mean")
+    classifier = encoder.rebuilt(replace(encoder.cfg, checkpointing="none", drop_path=0.0), global_pool=pool)
     inner = load_into_classifier(classifier, sd)
     weights = classifier.state_dict()
     fc_norm = {k: weights.pop(k) for k in _FC_NORM if k in weights}
 
     report = EncoderLoadReport(dropped=list(inner.dropped), resampled=list(inner.resampled))
     loaded = [k for k in inner.loaded if k not in _FC_NORM]
-    if has_norm:
+    if not final_norm:
+        report.norm_source = "none"
+        if has_fc_norm:
+            report.fc_norm = {k.removeprefix("fc_norm."): fc_norm[k] for k in _FC_NORM}
+    elif has_norm:
         report.norm_source = "norm"
     elif has_fc_norm and norm_from_fc_norm:
         report.norm_source = "fc_norm"

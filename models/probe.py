@@ -36,7 +36,8 @@ from models.vit import ViTConfig, VisionTransformer
 #   norm_mean    mean of the last block's tokens after the final norm (a mean-pooling fine-tuned checkpoint has no
 #                such norm: its fc_norm applied to the mean instead, the feature its classifier was trained on)
 #   last_k_mean  mean over the last k blocks of each block's token mean, before any norm
-POOLS = ("mean", "norm_mean", "last_k_mean")
+#   cls          the [CLS] token after the final norm (encoders with a cls token: MAE-ST's option, VIMPAC)
+POOLS = ("mean", "norm_mean", "last_k_mean", "cls")
 
 # BatchNorm's epsilon in MAE's linear probe, used by the standardization that replaces it
 STANDARDIZE_EPS = 1e-6
@@ -46,9 +47,16 @@ class FeatureEncoder(nn.Module):
     """A frozen video ViT as a feature extractor (built without drop path; call ``eval()`` and run it without
     gradients)."""
 
-    def __init__(self, cfg: ViTConfig, last_k: int = 4):
+    def __init__(self, cfg: ViTConfig, last_k: int = 4, tokenizer=None):
+        """``tokenizer``: the frozen tokenizer of an encoder over its codes (VIMPAC), None for one over pixels."""
         super().__init__()
-        self.encoder = VisionTransformer(replace(cfg, drop_path=0.0), num_classes=0, global_pool="none")
+        cfg = replace(cfg, drop_path=0.0)
+        if tokenizer is None:
+            self.encoder = VisionTransformer(cfg, num_classes=0, global_pool="none")
+        else:
+            from models.vimpac import TokenViT
+
+            self.encoder = TokenViT(cfg, tokenizer.cfg.codebook_size, num_classes=0, tokenizer=tokenizer)
         if not 1 <= last_k <= self.encoder.depth:
             raise ValueError(f"last_k must lie in [1, depth={self.encoder.depth}], got {last_k}")
         self.last_k = last_k
@@ -83,6 +91,8 @@ class FeatureEncoder(nn.Module):
         unknown = [p for p in pools if p not in POOLS]
         if unknown:
             raise ValueError(f"unknown pooled features {unknown}; valid: {', '.join(POOLS)}")
+        if "cls" in pools and not self.encoder.num_prefix_tokens:
+            raise ValueError("the cls feature needs an encoder with a cls token (encoder.cls_token=true)")
         tokens, means = self._block_outputs(video, self.last_k if "last_k_mean" in pools else 1)
         out = []
         for pool in pools:
@@ -90,6 +100,8 @@ class FeatureEncoder(nn.Module):
                 out.append(means[-1])
             elif pool == "last_k_mean":
                 out.append(torch.stack(means).mean(dim=0))
+            elif pool == "cls":
+                out.append(self.encoder.norm(tokens[:, 0]).float())
             elif self.fc_norm is not None:
                 out.append(self.fc_norm(means[-1].to(tokens.dtype)).float())
             else:

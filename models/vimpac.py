@@ -80,6 +80,9 @@ class TokenViT(VisionTransformer):
         self.embed_drop = nn.Dropout(cfg.drop)
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False) if tokenizer is not None else None
 
+    def rebuilt(self, cfg: ViTConfig, num_classes: int = 0, global_pool: str = "none") -> TokenViT:
+        return TokenViT(cfg, self.vocab_size, num_classes, global_pool, tokenizer=self.__dict__["tokenizer"])
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Codes (B, T, H, W) int64: ``x`` itself when it holds codes, else the tokenizer's codes of the normalized
         clip ``x`` (B, C, T, H·cell, W·cell), computed in float32 without gradients."""
@@ -118,6 +121,13 @@ class TokenViT(VisionTransformer):
         if isinstance(self.head, nn.Linear):
             flops += linear_flops(1, self.embed_dim, self.head.out_features)
         return flops
+
+
+def build_token_classifier(cfg, tokenizer) -> TokenViT:
+    """A classifier over ``tokenizer``'s codes from a ``models.vit.ClassifierConfig`` (VIMPAC fine-tuning: [CLS]
+    pooling, a zero-initialised head: ``global_pool=cls``, ``head_init_scale=0``)."""
+    return TokenViT(cfg.encoder, tokenizer.cfg.codebook_size, cfg.num_classes, cfg.global_pool, cfg.head_drop,
+                    cfg.head_init_scale, tokenizer=tokenizer)
 
 
 class TokenHead(nn.Module):

@@ -313,6 +313,10 @@ class VisionTransformer(nn.Module):
             self.head.weight.mul_(head_init_scale)
             self.head.bias.mul_(head_init_scale)
 
+    def rebuilt(self, cfg: ViTConfig, num_classes: int = 0, global_pool: str = "none") -> VisionTransformer:
+        """A model of the same kind (pixels in, or codes in) with configuration ``cfg``, freshly initialised."""
+        return VisionTransformer(cfg, num_classes, global_pool)
+
     def embed(self, video: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Patch tokens plus positions, visible ones only when ``mask`` (B, N; True = hidden) is given.
 
