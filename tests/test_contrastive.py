@@ -82,3 +82,64 @@ def test_two_ranks_of_b_videos_give_the_loss_and_gradients_of_one_process_of_2b(
         torch.testing.assert_close(got["grad"], weight.grad, rtol=1e-4, atol=1e-6)
     # without passing gradients back to the owner of each gathered feature the two would differ
     assert weight.grad.abs().sum() > 0
+
+
+# ---- the contrastive head's BatchNorm over the global batch ----------------------------------------------------
+
+HEAD_VIDEOS = 8
+
+
+def head_and_clips():
+    """VIMPAC's contrastive head (Linear + BatchNorm + ReLU, then a bias-free Linear) with global BatchNorms, and
+    the two clips' inputs of every video, video-major as the task's batches hold them."""
+    from engine.contrastive import global_batch_norms
+    from models.vimpac import ContrastiveHead, ContrastiveHeadConfig
+
+    torch.manual_seed(0)
+    head = global_batch_norms(ContrastiveHead(6, ContrastiveHeadConfig(layers=2, hidden=12, out_dim=4)))
+    clips = torch.randn(2 * HEAD_VIDEOS, 6, generator=torch.Generator().manual_seed(3))
+    return head, clips
+
+
+def head_step(head, clips):
+    features = head(clips)
+    loss = info_nce(features[0::2], features[1::2], TEMPERATURE)
+    loss.backward()
+    return loss
+
+
+def _head_rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        head, clips = head_and_clips()
+        share = 2 * HEAD_VIDEOS // world
+        loss = head_step(head, clips[rank * share:(rank + 1) * share])
+        grads = {name: p.grad.clone() for name, p in head.named_parameters()}
+        for grad in grads.values():
+            dist.all_reduce(grad)  # DeepSpeed's mean of the data-parallel gradients
+        losses = [None] * world
+        dist.all_gather_object(losses, loss.item())
+        torch.save({"loss": sum(losses) / world, "grads": {k: g / world for k, g in grads.items()},
+                    "buffers": {k: b.clone() for k, b in head.named_buffers()}}, os.path.join(out_dir, f"h{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_heads_batch_norm_makes_two_ranks_one_process(tmp_path):
+    mp.spawn(_head_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    fresh, clips = head_and_clips()
+    reference = torch.nn.BatchNorm1d(12)  # on one rank the global BatchNorm is torch's
+    reference.load_state_dict(fresh[1].state_dict())
+    hidden = fresh[0](clips)
+    torch.testing.assert_close(fresh[1](hidden), reference(hidden))
+    torch.testing.assert_close(fresh[1].running_var, reference.running_var)
+    head, clips = head_and_clips()
+    loss = head_step(head, clips)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"h{rank}.pt")
+        assert abs(got["loss"] - loss.item()) < 1e-5
+        for name, p in head.named_parameters():
+            torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-4, atol=1e-6)
+        for name, buffer in head.named_buffers():  # running statistics of the whole batch, on every rank
+            torch.testing.assert_close(got["buffers"][name], buffer)
