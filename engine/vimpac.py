@@ -18,14 +18,15 @@ import torch
 
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, TrainClips, model_input
-from engine import ds
-from engine.config import BatchConfig
+from engine import checkpoint, ds
+from engine.config import BatchConfig, ConfigError
 from engine.contrastive import global_batch_norms, info_nce
 from engine.data import read_split
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
 from engine.task import Task
 from engine.tokenizer import load_trained_tokenizer
+from models.convert import unwrap_state_dict
 from models.masking import MaskConfig, block_union_mask, build_mask_generator
 from models.vimpac import VIMPAC, VimpacModelConfig
 
@@ -83,11 +84,20 @@ class VimpacTask(Task):
     def __init__(self, cfg: VimpacConfig):
         super().__init__(cfg)
         if not cfg.model.tokenizer:
-            raise ValueError("model.tokenizer is not set: VIMPAC needs the weights.pt of run_scripts/tokenizer.py")
+            raise ConfigError("model.tokenizer is not set: VIMPAC needs the weights.pt of run_scripts/tokenizer.py")
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
         tokenizer = load_trained_tokenizer(cfg.model.tokenizer, "model.tokenizer")
         encoder = cfg.model.encoder
-        self.model = global_batch_norms(VIMPAC(cfg.model, tokenizer, contrastive=cfg.contrastive.weight > 0))
+        model = VIMPAC(cfg.model, tokenizer, contrastive=cfg.contrastive.weight > 0)
+        if cfg.model.init:
+            weights = unwrap_state_dict(checkpoint.read_checkpoint(cfg.model.init))
+            try:
+                resampled = model.load_pretraining(weights)
+            except RuntimeError as err:
+                raise ConfigError(f"model.init={cfg.model.init} does not fit this VIMPAC model: "
+                                  f"{' '.join(str(err).split())[:600]}") from None
+            log.info("initial weights from %s (resampled: %s)", cfg.model.init, ", ".join(resampled) or "none")
+        self.model = global_batch_norms(model)
         log.info("tokens: the frozen tokenizer of %s (%d codes, %d-pixel cells), token grid %s", cfg.model.tokenizer,
                  tokenizer.cfg.codebook_size, tokenizer.cfg.downsample, encoder.grid)
         self.train_set = TrainClips(read_split(cfg.data, "train"), cfg.data, clip_len=encoder.num_frames,

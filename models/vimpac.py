@@ -179,6 +179,9 @@ class VimpacModelConfig:
     # it). It must have been trained on clips normalized as this run's data section does.
     tokenizer: str = ""
     contrastive_head: ContrastiveHeadConfig = field(default_factory=ContrastiveHeadConfig)  # on [CLS]
+    # weights to continue from: a VIMPAC pre-training export (VIMPAC's 256-px continuation of its 128-px model); the
+    # position tables are resampled to this grid. "" = from scratch
+    init: str = ""
 
 
 class VIMPAC(nn.Module):
@@ -216,6 +219,22 @@ class VIMPAC(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    def load_pretraining(self, weights: dict[str, torch.Tensor]) -> list[str]:
+        """Load a VIMPAC pre-training state dict strictly, its factorized position tables resampled linearly to this
+        model's grid (VIMPAC's 128 → 256 px continuation); a contrastive head this model does not have is left out.
+        Returns the resampled keys."""
+        from models.pos_embed import resample_temporal
+
+        own = self.state_dict()
+        weights = {k: v for k, v in weights.items() if k in own or not k.startswith("contrastive_head.")}
+        resampled = []
+        for key in ("encoder.pos_embed.temporal", "encoder.pos_embed.height", "encoder.pos_embed.width"):
+            if key in weights and key in own and weights[key].shape != own[key].shape:
+                weights[key] = resample_temporal(weights[key], own[key].shape[1])
+                resampled.append(key)
+        self.load_state_dict(weights)
+        return resampled
 
     def forward_flops(self, grid: Grid, num_masked: float) -> int:
         """Forward FLOPs of one clip: the encoder on every position, the token head on ``num_masked`` of them (the

@@ -270,3 +270,61 @@ def test_probe_recipes_follow_their_protocol(path):
     if pretrain.exists():
         for field in WEIGHT_SHAPING_FIELDS + ("num_frames", "img_size"):
             assert getattr(cfg.model.encoder, field) == getattr(_load(pretrain).model.encoder, field), field
+
+
+# VIMPAC recipes: vimpac/vimpac_<size>_<T>x<S>[_cont].yaml and finetune/vimpac_<size>_<dataset>.yaml.
+VIMPAC_RECIPE = re.compile(r"vimpac_(?P<size>small|large_half)_(?:(?P<frames>\d+)x(?P<pixels>\d+)(?:_cont)?"
+                           r"|(?P<dataset>ucf101|ssv2))")
+VIMPAC_RECIPES = [p for p in RECIPES if VIMPAC_RECIPE.fullmatch(p.stem)]
+# VIMPAC Table 3: (arch, width, depth, heads, head width, MLP width); Table 4: pre-training lr at 1024 videos, warmup
+# share, fine-tuning lr at 128 videos; its text: the contrastive head (layers, width) of each size
+VIMPAC_SIZES = {"small": ("vimpac_small", 512, 6, 8, 64, 2048, 1e-3, 0.1, 1e-4, (2, 2048)),
+                "large_half": ("vimpac_large_half", 1024, 24, 16, 32, 2048, 3e-4, 0.05, 5e-5, (3, 4096))}
+BLOCKS_FOR_15_PERCENT = {(5, 16): 5, (5, 32): 6, (10, 16): 6, (10, 32): 7}  # VIMPAC Table 2, in bold
+
+
+def test_vimpac_has_small_and_large_half_recipes():
+    names = {p.stem for p in VIMPAC_RECIPES}
+    assert {"vimpac_small_5x128", "vimpac_large_half_5x128", "vimpac_large_half_5x256_cont"} <= names
+    assert {"vimpac_small_ucf101", "vimpac_large_half_ucf101", "vimpac_large_half_ssv2"} <= names
+
+
+@pytest.mark.parametrize("path", VIMPAC_RECIPES, ids=_id)
+def test_vimpac_recipes_follow_its_tables(path):
+    name, cfg = VIMPAC_RECIPE.fullmatch(path.stem), _load(path)
+    arch, width, depth, heads, head_width, mlp, pretrain_lr, warmup, finetune_lr, head = VIMPAC_SIZES[name["size"]]
+    encoder = cfg.model.encoder
+    assert (encoder.arch, *encoder.dims(), encoder.attn_dim() // heads, int(encoder.mlp_ratio * width)) == (
+        arch, width, depth, heads, head_width, mlp)
+    # one token per frame and 8x8 pixels of the tokenizer, [CLS], factorized positions, backbone dropout 0.1
+    assert (encoder.tubelet_size, encoder.patch_size, encoder.cls_token, encoder.pos_embed) == (1, 8, True,
+                                                                                                "factorized")
+    assert (encoder.drop, encoder.attn_drop, encoder.drop_path) == (0.1, 0.1, 0.0) and cfg.model.tokenizer
+    optim = cfg.optim
+    assert (optim.name, optim.lr_decay, optim.clip_grad, optim.eps, optim.layer_decay) == ("adamw", "linear", 1.0,
+                                                                                          1e-8, None)
+    if _folder(path) == "vimpac":
+        assert (encoder.num_frames, encoder.img_size) == (int(name["frames"]), int(name["pixels"]))
+        grid = (encoder.num_frames, encoder.img_size // encoder.patch_size)
+        assert (cfg.mask.kind, cfg.mask.block_count) == ("block", BLOCKS_FOR_15_PERCENT[grid])
+        assert (optim.betas, optim.weight_decay) == ((0.9, 0.98), 0.05)
+        assert optim.blr * 1024 / 256 == pytest.approx(pretrain_lr)
+        total_epochs = 100 if name["size"] == "large_half" else optim.epochs
+        if not path.stem.endswith("_cont"):
+            assert optim.warmup_epochs == round(warmup * total_epochs)
+        assert (cfg.contrastive.weight, cfg.contrastive.temperature, cfg.batch.repeats) == (1.0, 0.2, 2)
+        assert (cfg.model.contrastive_head.layers, cfg.model.contrastive_head.hidden) == head
+        assert cfg.model.contrastive_head.out_dim == 256
+        assert (cfg.data.train_augment.kind, cfg.data.train_augment.flip) == ("center", False)
+    else:
+        assert (cfg.model.global_pool, cfg.model.head_init_scale, cfg.model.head_drop) == ("cls", 0.0, 0.0)
+        assert (optim.betas, optim.weight_decay) == ((0.9, 0.999), 0.01)
+        assert optim.blr * 128 / 256 == pytest.approx(finetune_lr)
+        assert optim.warmup_epochs == round(0.1 * optim.epochs)
+        assert cfg.optim.epochs == {"ucf101": 50, "ssv2": 22}[name["dataset"]]
+        views = 1 if name["dataset"] == "ssv2" else 3
+        assert (cfg.data.test_temporal_views, cfg.data.eval_augment.num_spatial_views) == (10, views)
+        assert not cfg.mixup.enabled and cfg.batch.repeats == 1
+        pretrain = _load(CONFIGS / "vimpac" / f"vimpac_{name['size']}_5x128.yaml").model.encoder
+        for field in WEIGHT_SHAPING_FIELDS + ("head_dim", "norm_layout"):
+            assert getattr(encoder, field) == getattr(pretrain, field), field

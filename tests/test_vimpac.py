@@ -266,3 +266,25 @@ def test_a_vimpac_checkpoint_fine_tunes_predicts_and_is_probed(tmp_path, data_ro
     with torch.no_grad():
         pooled = encoder.pooled(clip, ["cls", "mean"])
         torch.testing.assert_close(pooled[:, 0], encoder.tokens(clip)[:, 0])
+
+
+def test_the_256_pixel_continuation_starts_from_the_128_pixel_model():
+    small, large = tiny_model(), tiny_model(img_size=64)
+    weights = small.state_dict()
+    resampled = large.load_pretraining(weights)
+    assert resampled == ["encoder.pos_embed.height", "encoder.pos_embed.width"]
+    assert torch.equal(large.encoder.blocks[0].attn.qkv.weight, small.encoder.blocks[0].attn.qkv.weight)
+    assert large.encoder.pos_embed.height.shape[1] == 8
+    # a mask-only model continues from a contrastive one without its head; any other mismatch is refused
+    assert tiny_model(contrastive=False).load_pretraining(weights) == []
+    with pytest.raises(RuntimeError):
+        tiny_model(depth=3).load_pretraining(weights)
+
+
+def test_the_entry_point_names_a_missing_tokenizer(tmp_path, data_root):
+    unset = [arg for arg in command(tmp_path / "run", data_root, Path("x")) if not arg.startswith("model.tokenizer")]
+    result = subprocess.run(unset, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "model.tokenizer is not set" in result.stderr
+    result = subprocess.run(command(tmp_path / "run", data_root, tmp_path / "none.pt"), cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "model.tokenizer=" in result.stderr and "config.yaml beside it" in result.stderr
