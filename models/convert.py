@@ -494,7 +494,8 @@ def load_into_pretrain(model, checkpoint: Mapping) -> ConversionReport:
 class EncoderLoadReport(LoadReport):
     """``LoadReport`` of an encoder read out on every token, plus where its final norm came from."""
 
-    # "norm" (the checkpoint's final norm), "fc_norm", "fresh" (ones / zeros) or "none" (post-norm blocks: no final norm)
+    # "norm" (the checkpoint's final norm), "fc_norm", "fresh" (ones / zeros) or "none" (post-norm blocks: no final
+    # norm to load)
     norm_source: str = "norm"
     # the checkpoint's mean-pooling fc_norm (weight, bias) when it had no final norm and it was not copied into
     # one: what that checkpoint's classifier applied to the mean of the tokens

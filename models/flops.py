@@ -17,7 +17,8 @@ def block_flops(num_tokens: int, dim: int, mlp_ratio: float = 4.0, attn_dim: int
     return int(linear + attention)
 
 
-def transformer_flops(num_tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0, attn_dim: int | None = None) -> int:
+def transformer_flops(num_tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0,
+                      attn_dim: int | None = None) -> int:
     return depth * block_flops(num_tokens, dim, mlp_ratio, attn_dim)
 
 
