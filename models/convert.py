@@ -108,8 +108,14 @@ _BLOCK_PARAM = (
 # token, and the code embedding and its norm of a transformer over tokenizer codes (models.vimpac.TokenViT).
 _OWN_EMBEDDINGS = (r"cls_token|pos_embed\.(?:spatial|temporal|height|width|cls)|token_embed\.weight"
                    r"|embed_norm\.(?:weight|bias)")
+# VIMPAC's "T,H|W" layers (models.vimpac.FactorizedBlock): attention along time, then along height and width, then MLP.
+_FACTORIZED_BLOCK_PARAM = (
+    r"blocks\.\d+\.(?:(?:time|space)\.(?:(?:proj)\.(?:weight|bias)|qkv\.weight|q_bias|v_bias)"
+    r"|(?:norm_time|norm_space|norm_mlp|mlp\.fc1|mlp\.fc2)\.(?:weight|bias))"
+)
 _CLASSIFIER_KEY = re.compile(
-    rf"patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|(?:norm|fc_norm|head)\.(?:weight|bias)|{_OWN_EMBEDDINGS}"
+    rf"patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|{_FACTORIZED_BLOCK_PARAM}"
+    rf"|(?:norm|fc_norm|head)\.(?:weight|bias)|{_OWN_EMBEDDINGS}"
 )
 _PRETRAIN_KEY = re.compile(
     rf"encoder\.(?:patch_embed\.proj\.(?:weight|bias)|{_BLOCK_PARAM}|norm\.(?:weight|bias)|{_OWN_EMBEDDINGS})"

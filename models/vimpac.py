@@ -29,9 +29,88 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timm.layers import DropPath, Mlp
+from torch.utils.checkpoint import checkpoint
+
 from models.flops import linear_flops, transformer_flops
 from models.tokenizer import on_device
-from models.vit import Grid, ViTConfig, VisionTransformer
+from models.vit import Attention, Grid, ViTConfig, VisionTransformer, enable_checkpointing
+
+
+def line_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, axis: int,
+                   dropout: float) -> torch.Tensor:
+    """Attention of every code to the codes on its line along ``axis`` (0 time, 1 height, 2 width) and to [CLS],
+    which is put at the head of every line; [CLS]'s own output is the mean of its outputs over the lines (VIMPAC eq.
+    15). q, k, v (B, heads, 1 + N, head width), [CLS] first, codes t-major → (B, heads, 1 + N, head width)."""
+    b, h, _, d = q.shape
+    t, hh, w = grid
+
+    def lines(x: torch.Tensor) -> torch.Tensor:  # (B, h, 1+N, d) → (B·lines, h, 1 + length, d)
+        grid_x = x[:, :, 1:].reshape(b, h, t, hh, w, d)
+        order = [0, 2, 3, 4]  # B and the two other axes lead, the line's axis follows
+        order.remove(2 + axis)
+        grid_x = grid_x.permute(*order, 1, 2 + axis, 5)  # (B, a, c, h, length, d)
+        count = grid_x.shape[1] * grid_x.shape[2]
+        grid_x = grid_x.reshape(b * count, h, grid[axis], d)
+        cls = x[:, :, :1].repeat_interleave(count, dim=0)
+        return torch.cat([cls, grid_x], dim=2)
+
+    out = F.scaled_dot_product_attention(lines(q), lines(k), lines(v), dropout_p=dropout)
+    count = out.shape[0] // b
+    cls = out[:, :, :1].reshape(b, count, h, 1, d).mean(dim=1)
+    others = [n for i, n in enumerate(grid) if i != axis]
+    codes = out[:, :, 1:].reshape(b, *others, h, grid[axis], d)  # (B, a, c, h, length, d)
+    back = {0: (0, 3, 4, 1, 2, 5), 1: (0, 3, 1, 4, 2, 5), 2: (0, 3, 1, 2, 4, 5)}[axis]
+    codes = codes.permute(*back).reshape(b, h, t * hh * w, d)
+    return torch.cat([cls, codes], dim=2)
+
+
+class LineAttention(Attention):
+    """``Attention``'s projections (same names and shapes) over lines of the token grid: each group of heads attends
+    along one axis (``axes``: (0,) = time; (1, 2) = height and width in parallel, half the heads each: VIMPAC's sparse
+    "H|W" block, eq. 11), and the groups' outputs are concatenated before the output projection."""
+
+    def __init__(self, dim, num_heads, axes, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, head_dim=None):
+        super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop, True, head_dim)
+        self.axes = axes
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv_bias())
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        drop = self.attn_drop if self.training else 0.0
+        per_axis = self.num_heads // len(self.axes)
+        parts = [line_attention(q[:, i * per_axis:(i + 1) * per_axis], k[:, i * per_axis:(i + 1) * per_axis],
+                                v[:, i * per_axis:(i + 1) * per_axis], grid, axis, drop)
+                 for i, axis in enumerate(self.axes)]
+        x = torch.cat(parts, dim=1).transpose(1, 2).reshape(b, n, -1)
+        return self.proj_drop(self.proj(x))
+
+
+class FactorizedBlock(nn.Module):
+    """VIMPAC's layer (eq. 12-14): attention along time, then along height and width in parallel, then the MLP, each
+    with its residual and LayerNorm (after the sum with ``post_norm``, VIMPAC's default; before the branch without)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, drop, attn_drop, drop_path, norm_eps, head_dim, post_norm):
+        super().__init__()
+        self.post_norm = post_norm
+        self.time = LineAttention(dim, num_heads, (0,), attn_drop=attn_drop, proj_drop=drop, head_dim=head_dim)
+        self.norm_time = nn.LayerNorm(dim, eps=norm_eps)
+        self.space = LineAttention(dim, num_heads, (1, 2), attn_drop=attn_drop, proj_drop=drop, head_dim=head_dim)
+        self.norm_space = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.norm_mlp = nn.LayerNorm(dim, eps=norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _residual(self, x, norm, branch):
+        if self.post_norm:
+            return norm(x + self.drop_path(branch(x)))
+        return x + self.drop_path(branch(norm(x)))
+
+    def forward(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        x = self._residual(x, self.norm_time, lambda y: self.time(y, grid))
+        x = self._residual(x, self.norm_space, lambda y: self.space(y, grid))
+        return self._residual(x, self.norm_mlp, self.mlp)
 
 
 def special_ids(vocab_size: int) -> tuple[int, int]:
@@ -62,6 +141,8 @@ class TokenViT(VisionTransformer):
     ``models.tokenizer.VQTokenizer``, kept outside the parameters, buffers and state dict (never trained, never cast
     to the engine's precision, never saved with the model); without one the model takes codes only."""
 
+    _factorized_layouts = True
+
     def __init__(self, cfg: ViTConfig, vocab_size: int, num_classes: int = 0, global_pool: str = "none",
                  head_drop: float = 0.0, head_init_scale: float = 1.0, tokenizer=None):
         super().__init__(cfg, num_classes, global_pool, head_drop, head_init_scale, init="trunc_normal")
@@ -78,6 +159,15 @@ class TokenViT(VisionTransformer):
         nn.init.normal_(self.token_embed.weight, std=0.02)  # BERT's initialisation
         self.embed_norm = nn.LayerNorm(self.embed_dim, eps=cfg.norm_eps)
         self.embed_drop = nn.Dropout(cfg.drop)
+        if cfg.layout == "t,h|w":
+            _, depth, heads = cfg.dims()
+            rates = [cfg.drop_path * i / (depth - 1) if depth > 1 else cfg.drop_path for i in range(depth)]
+            self.blocks = nn.ModuleList(
+                FactorizedBlock(self.embed_dim, heads, cfg.mlp_ratio, cfg.drop, cfg.attn_drop, rate, cfg.norm_eps,
+                                cfg.head_dim, cfg.norm_layout == "post") for rate in rates)
+            self.init_weights("trunc_normal", head_init_scale)
+            nn.init.normal_(self.token_embed.weight, std=0.02)
+            enable_checkpointing(self.blocks, cfg.checkpointing)
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False) if tokenizer is not None else None
 
     def rebuilt(self, cfg: ViTConfig, num_classes: int = 0, global_pool: str = "none") -> TokenViT:
@@ -108,6 +198,16 @@ class TokenViT(VisionTransformer):
         tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         return self.embed_drop(self.embed_norm(tokens))
 
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.cfg.layout == "full":
+            return super().forward_features(x, mask)
+        codes = self.codes(x)
+        tokens, grid = self.embed(codes, mask), tuple(codes.shape[1:])
+        recompute = self.checkpointing == "torch" and torch.is_grad_enabled()
+        for block in self.blocks:
+            tokens = checkpoint(block, tokens, grid, use_reentrant=False) if recompute else block(tokens, grid)
+        return self.norm(tokens)
+
     def layer_id(self, name: str) -> int:
         if name.startswith(("token_embed", "embed_norm")):
             return 0
@@ -116,8 +216,14 @@ class TokenViT(VisionTransformer):
     def forward_flops(self, grid: Grid, num_visible: Optional[int] = None) -> int:
         """Forward FLOPs of one clip's codes through the transformer and head; the frozen tokenizer is not counted.
         Every position is encoded: a hidden code is replaced, not dropped."""
-        flops = transformer_flops(math.prod(grid) + 1, self.embed_dim, self.depth, self.cfg.mlp_ratio,
-                                  self.cfg.attn_dim())
+        n, dim, attn = math.prod(grid) + 1, self.embed_dim, self.cfg.attn_dim()
+        if self.cfg.layout == "full":
+            flops = transformer_flops(n, dim, self.depth, self.cfg.mlp_ratio, attn)
+        else:  # two attention blocks a layer; each code attends to its line and [CLS] (half the heads per space axis)
+            t, h, w = grid
+            line = (t + 1) + ((h + 1) + (w + 1)) / 2
+            per_layer = 2 * n * dim * (8 * attn + 2 * self.cfg.mlp_ratio * dim) + 4 * n * line * attn
+            flops = int(self.depth * per_layer)
         if isinstance(self.head, nn.Linear):
             flops += linear_flops(1, self.embed_dim, self.head.out_features)
         return flops

@@ -66,11 +66,19 @@ class ViTConfig:
     # LayerNorm before each residual branch (ViT, VideoMAE; a final norm after the last block) or after the residual
     # sum (the original Transformer and BERT, VIMPAC's default; no final norm)
     norm_layout: Literal["pre", "post"] = "pre"
+    # attention over every token ("full"), or VIMPAC's "T,H|W": per layer, attention along time, then along height
+    # and width in parallel (half the heads each), [CLS] attending to every line and averaged. Only for a transformer
+    # over tokenizer codes (models.vimpac.TokenViT), whose tokens always fill the grid
+    layout: Literal["full", "t,h|w"] = "full"
 
     def __post_init__(self):
         dim, _, heads = self.dims()
         if self.norm_layout not in ("pre", "post"):
             raise ValueError(f"norm_layout must be 'pre' or 'post', got {self.norm_layout!r}")
+        if self.layout not in ("full", "t,h|w"):
+            raise ValueError(f"layout must be 'full' or 't,h|w', got {self.layout!r}")
+        if self.layout != "full" and heads % 2:
+            raise ValueError(f"layout 't,h|w' splits the heads between height and width: num_heads {heads} is odd")
         if dim % heads and self.head_dim is None:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {heads}")
         if self.num_frames % self.tubelet_size or self.img_size % self.patch_size:
@@ -251,6 +259,8 @@ class VisionTransformer(nn.Module):
     ``"none"`` (pre-training encoder: ``norm`` on every token, no head).
     """
 
+    _factorized_layouts = False  # whether ViTConfig.layout may be other than "full" (TokenViT)
+
     def __init__(
         self,
         cfg: ViTConfig,
@@ -266,6 +276,10 @@ class VisionTransformer(nn.Module):
         if global_pool == "cls" and not cfg.cls_token:
             raise ValueError("global_pool='cls' needs cls_token=True (VideoMAE has no cls token; use 'mean', or "
                              "'first' for a checkpoint trained with use_mean_pooling=False)")
+        if cfg.layout != "full" and not self._factorized_layouts:
+            raise ValueError(f"layout {cfg.layout!r} is for a transformer over tokenizer codes "
+                             "(models.vimpac.TokenViT); a pixel encoder drops hidden tokens, which leaves no grid to "
+                             "attend along")
         self.cfg = cfg
         dim, depth, heads = cfg.dims()
         self.embed_dim, self.depth = dim, depth

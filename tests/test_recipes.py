@@ -300,6 +300,7 @@ def test_vimpac_recipes_follow_its_tables(path):
     assert (encoder.tubelet_size, encoder.patch_size, encoder.cls_token, encoder.pos_embed) == (1, 8, True,
                                                                                                 "factorized")
     assert (encoder.drop, encoder.attn_drop, encoder.drop_path) == (0.1, 0.1, 0.0) and cfg.model.tokenizer
+    assert (encoder.layout, encoder.norm_layout) == ("t,h|w", "post")  # VIMPAC's layers (Table 13, underlined)
     optim = cfg.optim
     assert (optim.name, optim.lr_decay, optim.clip_grad, optim.eps, optim.layer_decay) == ("adamw", "linear", 1.0,
                                                                                           1e-8, None)
@@ -326,5 +327,5 @@ def test_vimpac_recipes_follow_its_tables(path):
         assert (cfg.data.test_temporal_views, cfg.data.eval_augment.num_spatial_views) == (10, views)
         assert not cfg.mixup.enabled and cfg.batch.repeats == 1
         pretrain = _load(CONFIGS / "vimpac" / f"vimpac_{name['size']}_5x128.yaml").model.encoder
-        for field in WEIGHT_SHAPING_FIELDS + ("head_dim", "norm_layout"):
+        for field in WEIGHT_SHAPING_FIELDS + ("head_dim", "norm_layout", "layout"):
             assert getattr(encoder, field) == getattr(pretrain, field), field

@@ -54,15 +54,61 @@ def tiny_model(contrastive: bool = True, **encoder) -> VIMPAC:
                                                           ("vimpac_large_half", {"head_dim": 32, "mlp_ratio": 2.0},
                                                            210.1)])
 def test_table_3_sizes(arch, extra, paper_millions):
-    """VIMPAC's T,H|W layout has two attention blocks per layer (time, then space), full attention one: with one more
-    attention block per layer (its q, k, v and output projections) our backbone has Table 3's parameter count."""
-    model = TokenViT(vimpac_encoder(arch=arch, **extra), vocab_size=8192)
-    attention = sum(p.numel() for p in model.blocks[0].attn.parameters())
-    total = sum(p.numel() for p in model.parameters()) + model.depth * attention
-    assert abs(total / 1e6 - paper_millions) / paper_millions < 0.002
+    """VIMPAC's "T,H|W" layers (two attention blocks: time, then height and width) have Table 3's parameter counts;
+    full attention has one attention block a layer: Table 13's "TxHxW" Small of 23.1 M."""
+    model = TokenViT(vimpac_encoder(arch=arch, layout="t,h|w", norm_layout="post", **extra), vocab_size=8192)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == paper_millions
+    full = TokenViT(vimpac_encoder(arch=arch, **extra), vocab_size=8192)
+    if arch == "vimpac_small":
+        assert round(sum(p.numel() for p in full.parameters()) / 1e6, 1) == 23.1
     if arch == "vimpac_large_half":  # 16 heads of 32: q, k, v of 512 from 1024 wide tokens
-        assert model.blocks[0].attn.qkv.weight.shape == (3 * 512, 1024)
-        assert model.blocks[0].mlp.fc1.weight.shape == (2048, 1024)
+        assert full.blocks[0].attn.qkv.weight.shape == (3 * 512, 1024)
+        assert full.blocks[0].mlp.fc1.weight.shape == (2048, 1024)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_line_attention_is_eq_12_13_15(axis):
+    """Each code attends to [CLS] and the codes of its line along ``axis``; [CLS] attends to every line, and its
+    output is the mean over the lines (eq. 15). Against loops over the lines."""
+    from models.vimpac import line_attention
+
+    grid, (b, heads, width) = (3, 4, 5), (2, 2, 4)
+    q, k, v = (torch.randn(b, heads, 1 + 60, width) for _ in range(3))
+    got = line_attention(q, k, v, grid, axis, 0.0)
+    index = torch.arange(60).reshape(grid)
+    expected, cls = torch.zeros_like(got), []
+    others = [a for a in range(3) if a != axis]
+    for first in range(grid[others[0]]):
+        for second in range(grid[others[1]]):
+            where = [slice(None)] * 3
+            where[others[0]], where[others[1]] = first, second
+            keys = torch.cat([torch.tensor([0]), 1 + index[tuple(where)].flatten()])
+            scores = q[:, :, keys] @ k[:, :, keys].transpose(-1, -2) / width**0.5
+            out = scores.softmax(-1) @ v[:, :, keys]
+            expected[:, :, keys[1:]] = out[:, :, 1:]
+            cls.append(out[:, :, 0])
+    expected[:, :, 0] = torch.stack(cls).mean(0)
+    torch.testing.assert_close(got, expected)
+
+
+def test_factorized_layers_train_load_and_refuse_pixels():
+    from models.convert import load_into_classifier, load_into_encoder
+    from models.vit import ViTConfig, VisionTransformer
+
+    model = tiny_model(layout="t,h|w", norm_layout="post")
+    video = torch.randn(2, 3, 4, 32, 32)
+    loss, _, _ = model(video, block_union_mask(2, (4, 4, 4), 2))
+    loss.backward()
+    assert all(p.grad is not None for p in model.encoder.blocks.parameters())
+    classifier = TokenViT(model.cfg.encoder, 32, num_classes=3, global_pool="cls")
+    report = load_into_classifier(classifier, model.state_dict())
+    assert report.fresh == ["head.bias", "head.weight"]
+    encoder = TokenViT(model.cfg.encoder, 32)
+    assert load_into_encoder(encoder, model.state_dict()).norm_source == "none"  # post-norm: no final norm
+    torch.testing.assert_close(encoder.eval().forward_features(model.encoder.codes(video)),
+                               model.encoder.eval().forward_features(model.encoder.codes(video)))
+    with pytest.raises(ValueError, match="is for a transformer over tokenizer codes"):
+        VisionTransformer(ViTConfig(arch="vit_debug", layout="t,h|w"))
 
 
 @pytest.mark.parametrize("grid, blocks, paper", [((5, 16, 16), 5, 14.5), ((5, 32, 32), 6, 15.2),
