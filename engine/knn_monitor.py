@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from datasets.video_dataset import DataConfig, EvalClips, collate_clips, model_input
+from engine import ds
 from engine.config import require
 from engine.data import read_split
 from engine.evaluate import group_active
@@ -120,3 +121,17 @@ class KNNMonitor:
         (probs,) = knn_probabilities(bank, bank_labels, queries, [self.cfg.k], self.cfg.temperature, classes)
         top1 = (probs.argmax(dim=1) == labels).double().mean().item()
         return {"knn_top1": top1, "knn_unreadable": bank_failed + query_failed}
+
+
+def monitor_after_epoch(monitor: Optional[KNNMonitor], engine, epoch: int) -> Optional[dict]:
+    """The k-NN result of ``engine.module.encoder`` after ``epoch`` when the monitor is due (logged), else None; a
+    pre-training task's ``on_epoch_end`` returns it. Every rank calls it."""
+    if monitor is None or not monitor.due(epoch):
+        return None
+    engine.eval()
+    try:
+        result = monitor(engine.module.encoder, engine.device, ds.input_dtype(engine))
+    finally:
+        engine.train()
+    log.info("epoch %d k-NN (k=%d) top-1 %.2f", epoch, monitor.cfg.k, 100 * result["knn_top1"])
+    return result

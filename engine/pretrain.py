@@ -17,7 +17,7 @@ from datasets.video_dataset import DataConfig, collate_clips, model_input
 from engine import ds
 from engine.config import BatchConfig
 from engine.data import train_clips
-from engine.knn_monitor import KNNMonitor, KNNMonitorConfig
+from engine.knn_monitor import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
 from engine.dist import is_main_process
 from engine.loop import RunConfig
 from engine.metrics import read_metrics
@@ -91,15 +91,7 @@ class PretrainTask(Task):
         every = self.cfg.run.vis_every_epochs
         if every and epoch % every == 0:
             self.save_pictures(engine, Path(output_dir) / "vis" / f"epoch_{epoch:04d}.png")
-        if self.knn is None or not self.knn.due(epoch):
-            return None
-        engine.eval()
-        try:
-            result = self.knn(engine.module.encoder, engine.device, ds.input_dtype(engine))
-        finally:
-            engine.train()
-        log.info("epoch %d k-NN (k=%d) top-1 %.2f", epoch, self.cfg.knn.k, 100 * result["knn_top1"])
-        return result
+        return monitor_after_epoch(self.knn, engine, epoch)
 
     def save_pictures(self, engine, path: Path) -> None:
         """Reconstructions of the first training videos under fixed masks. Every rank runs the forward (ZeRO-3

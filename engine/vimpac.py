@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,7 @@ from engine import checkpoint, ds
 from engine.config import BatchConfig, ConfigError
 from engine.contrastive import global_batch_norms, info_nce
 from engine.data import read_split
+from engine.knn_monitor import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
 from engine.task import Task
@@ -67,6 +69,7 @@ class VimpacConfig:
     optim: OptimConfig = field(default_factory=_vimpac_optim)  # AdamW and its linear schedule
     ds: ds.DeepSpeedConfig = field(default_factory=ds.DeepSpeedConfig)  # ZeRO stage and precision
     run: RunConfig = field(default_factory=RunConfig)  # output directory, seed, logging, checkpoints
+    knn: KNNMonitorConfig = field(default_factory=KNNMonitorConfig)  # optional k-NN accuracy (VIMPAC's UCF101 monitor)
 
     def __post_init__(self) -> None:
         if self.contrastive.weight > 0 and self.batch.repeats != 2:
@@ -103,6 +106,7 @@ class VimpacTask(Task):
         self.train_set = TrainClips(read_split(cfg.data, "train"), cfg.data, clip_len=encoder.num_frames,
                                     size=encoder.img_size, repeats=cfg.batch.repeats, seed=cfg.run.seed)
         self.masks = None if cfg.mask.block_count else build_mask_generator(cfg.mask, encoder.grid)
+        self.knn = KNNMonitor(cfg.knn, cfg.data, encoder, cfg.optim.epochs) if cfg.knn.every_epochs else None
         self._last: dict[str, torch.Tensor] = {}
 
     def _mask(self, clips: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -124,6 +128,9 @@ class VimpacTask(Task):
         contrastive = info_nce(features[0::2], features[1::2], self.cfg.contrastive.temperature)
         self._last["contrastive_loss"] = contrastive.detach()
         return mask_loss + self.cfg.contrastive.weight * self.cfg.contrastive.temperature * contrastive
+
+    def on_epoch_end(self, engine, epoch: int, output_dir: str, generator: torch.Generator) -> Optional[dict]:
+        return monitor_after_epoch(self.knn, engine, epoch)
 
     def step_metrics(self) -> dict[str, float]:
         return {name: value.item() for name, value in self._last.items()}

@@ -282,7 +282,11 @@ def test_two_ranks_zero3_bf16_with_every_parameter_partitioned(tmp_path, data_ro
 
 def test_a_vimpac_checkpoint_fine_tunes_predicts_and_is_probed(tmp_path, data_root, tokenizer_path):
     pretrain = tmp_path / "pretrain"
-    run(command(pretrain, data_root, tokenizer_path, "optim.epochs=1", "contrastive.weight=0", "batch.repeats=1"))
+    run(command(pretrain, data_root, tokenizer_path, "optim.epochs=1", "contrastive.weight=0", "batch.repeats=1",
+                "knn.every_epochs=1"))
+    logged = [json.loads(line) for line in (pretrain / "metrics.jsonl").read_text().splitlines()]
+    assert [0 <= r["knn_top1"] <= 1 for r in logged if "knn_top1" in r] == [True]  # VIMPAC's k-NN monitor
+    assert "contrastive_loss" not in logged[-2] and "mask_accuracy" in logged[-2]
     finetune = tmp_path / "finetune"
     result = run([sys.executable, str(ROOT / "run_scripts" / "finetune.py"), "--config",
                   str(ROOT / "run_scripts" / "configs" / "finetune" / "vimpac_tiny_cpu.yaml"),
