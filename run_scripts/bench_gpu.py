@@ -22,6 +22,8 @@ is (the CPU in the test suite), so that this script cannot rot while no GPU is a
   checkpointing / without, and peak memory of the whole step with / without. Target: <= 0.2.
 * t7: the largest ViT-H 32-frame fine-tuning batch that fits with per-block checkpointing (zero2_bf16): peak
   memory fitted on two small batches, predicted, then verified by a step at that batch; its clips/s. Target: >= 64.
+* vimpac: one VIMPAC Large-Half pre-training step (5x32x32 codes, 8 videos of two clips) with its "T,H|W" layers and
+  with full attention (``bench_vimpac_layout.py``); VIMPAC's Table 13 measured the first 2.5x faster.
 * loader: training clips/s of ``TrainClips`` in a 16-worker DataLoader, decord and PyAV, on the loader benchmark's
   Kinetics-like corpus (``bench_loader.py``), against the clips/s the ViT-B pre-training step of t3 consumes.
 """
@@ -67,15 +69,16 @@ class Sizes:
     loader: tuple = (16, 10.0, 2)  # workers, seconds measured per backend, corpus videos per resolution
     matmul: int = 8192
     probe: tuple = (768, 400, 1024, 32, 10)  # feature width, classes, batch, heads, timed steps per round
+    vimpac: tuple = ("vimpac_large_half", 5, 256, 8, 5)  # arch, frames, pixels, videos, timed steps per round
 
 
 SMOKE = Sizes(frames=4, size=32, t1=("vit_debug", 2, 2), t2=("vit_debug", 2, 2),
               t3=(("pretrain", "vit_debug", 2), ("finetune", "vit_debug", 2)), steps=2, warmup=1,
               t5=("vit_debug", 2), t7=("vit_debug", 4, (1, 2), 8), loader=(2, 2.0, 1), matmul=256,
-              probe=(64, 4, 64, 6, 2))
+              probe=(64, 4, 64, 6, 2), vimpac=("vit_debug", 2, 32, 2, 1))
 
 # Share of the budget each benchmark may use (its child is stopped past it), in running order.
-SHARES = {"t1": 0.10, "t3": 0.24, "t2": 0.16, "t5": 0.10, "t7": 0.22, "loader": 0.18, "probe": 0.08}
+SHARES = {"t1": 0.10, "t3": 0.24, "t2": 0.16, "t5": 0.10, "t7": 0.22, "loader": 0.12, "probe": 0.08, "vimpac": 0.06}
 
 
 # ---- shared pieces --------------------------------------------------------------------------------------------
@@ -478,8 +481,16 @@ def _collate(items):
     return collate_clips(items)["video"]
 
 
+def bench_vimpac(sizes: Sizes, out: Path) -> dict:
+    """VIMPAC's "T,H|W" layers against full attention: one pre-training step each, same codes and masks."""
+    from run_scripts import bench_vimpac_layout
+
+    arch, frames, size, videos, steps = sizes.vimpac
+    return bench_vimpac_layout.measure(arch, frames, size, videos, steps, rounds=2)
+
+
 BENCHMARKS = {"t1": bench_t1, "t3": bench_t3, "t2": bench_t2, "t5": bench_t5, "t7": bench_t7, "loader": bench_loader,
-              "probe": bench_probe}
+              "probe": bench_probe, "vimpac": bench_vimpac}
 
 
 # ---- driver ---------------------------------------------------------------------------------------------------
@@ -578,7 +589,8 @@ def summary(report: dict) -> str:
     for key, result in res.items():
         if "error" in result:
             lines.append(f"  {key}: FAILED - {result['error'].splitlines()[0][:150]}")
-    t1, t2, t3, t5, t7, loader, probe = (res.get(k, {}) for k in ("t1", "t2", "t3", "t5", "t7", "loader", "probe"))
+    t1, t2, t3, t5, t7, loader, probe, vimpac = (res.get(k, {}) for k in ("t1", "t2", "t3", "t5", "t7", "loader",
+                                                                         "probe", "vimpac"))
     if "eta" in t1:
         line(f"T1 sparse encoder eta ({t1['arch']}, b{t1['batch']})", _fmt(t1["eta"]), ">= 0.9",
              f"speedup {t1['speedup']:.2f}x of FLOP ratio {t1['flop_ratio']:.2f}x")
@@ -611,6 +623,11 @@ def summary(report: dict) -> str:
         line(f"probe grid of {probe['heads']} heads / one head (D={probe['dim']}, C={probe['classes']})",
              _fmt(probe["grid_over_one"]) + "x", f"<= {probe['target']:g}x",
              f"{probe['grid_ms']:.1f} vs {probe['one_head_ms']:.1f} ms/step, batch {probe['batch']}")
+    if "speedup" in vimpac:
+        t, h, w = vimpac["codes"]
+        line(f"VIMPAC t,h|w / full attention speed ({vimpac['arch']}, {t}x{h}x{w})", _fmt(vimpac["speedup"]) + "x",
+             f"paper {vimpac['paper_speedup']:g}x",
+             f"{vimpac['factorized_ms']:.1f} vs {vimpac['full_ms']:.1f} ms/step, {vimpac['videos']} videos")
     return "\n".join(lines)
 
 

@@ -48,9 +48,10 @@ def test_every_benchmark_reports_its_figures(smoke):
     assert loader["decord_clips_per_s"] > 0 and loader["pyav_clips_per_s"] > 0
     assert loader["pretrain_step_consumes_clips_per_s"] == results["t3"]["runs"][0]["clips_per_s"]
     assert results["probe"]["heads"] == 6 and results["probe"]["grid_over_one"] > 0
+    assert results["vimpac"]["speedup"] > 0 and results["vimpac"]["params_m"]["t,h|w"] > 0
     table = (out / "gpu_bench.txt").read_text()
     for row in ("T1 sparse encoder eta", "T2 pre-training step vs transformers", "T3 MFU pretrain", "T7 largest batch",
-                "loader", "probe grid of 6 heads"):
+                "loader", "probe grid of 6 heads", "VIMPAC t,h|w / full attention speed"):
         assert row in table
 
 
