@@ -32,7 +32,7 @@ from datasets.video_dataset import Failure
 from engine import preempt
 from engine.config import ConfigError, require
 from engine.dist import barrier, get_rank, get_world_size, is_main_process
-from models.probe import POOLS
+from models.probe import DEFAULT_POOLS, POOLS
 
 log = logging.getLogger("features")
 
@@ -43,7 +43,7 @@ class FeatureConfig:
     train_views: int = 1
     # pooled features cached per clip: mean (last block, no norm), norm_mean (after the final norm), last_k_mean, and
     # for an encoder with a cls token cls ([CLS] after the final norm: VIMPAC's feature)
-    pools: list[str] = field(default_factory=lambda: [p for p in POOLS if p != "cls"])
+    pools: list[str] = field(default_factory=lambda: list(DEFAULT_POOLS))
     # blocks averaged by last_k_mean
     last_k: int = 4
     # dataset items per shard file: what a killed extraction recomputes at most, per rank

@@ -38,6 +38,8 @@ from models.vit import ViTConfig, VisionTransformer
 #   last_k_mean  mean over the last k blocks of each block's token mean, before any norm
 #   cls          the [CLS] token after the final norm (encoders with a cls token: MAE-ST's option, VIMPAC)
 POOLS = ("mean", "norm_mean", "last_k_mean", "cls")
+# what every encoder has (cls needs a cls token)
+DEFAULT_POOLS = ("mean", "norm_mean", "last_k_mean")
 
 # BatchNorm's epsilon in MAE's linear probe, used by the standardization that replaces it
 STANDARDIZE_EPS = 1e-6
@@ -86,7 +88,7 @@ class FeatureEncoder(nn.Module):
                 means.append(x[:, prefix:].float().mean(dim=1))
         return x, means
 
-    def pooled(self, video: torch.Tensor, pools: Sequence[str] = POOLS) -> torch.Tensor:
+    def pooled(self, video: torch.Tensor, pools: Sequence[str] = DEFAULT_POOLS) -> torch.Tensor:
         """video (B, C, T, H, W) → features (B, len(pools), D), float32, in the order of ``pools``."""
         unknown = [p for p in pools if p not in POOLS]
         if unknown:

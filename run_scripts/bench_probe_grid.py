@@ -31,7 +31,7 @@ from engine import ds  # noqa: E402
 from engine.features import FeatureSplit, shard_path  # noqa: E402
 from engine.optim import OptimConfig, optimizer_over  # noqa: E402
 from engine.probe import CachedTrainViews, collate_features, head_param_groups  # noqa: E402
-from models.probe import POOLS, LinearHeadGrid, head_grid, per_head_loss  # noqa: E402
+from models.probe import DEFAULT_POOLS as POOLS, LinearHeadGrid, head_grid, per_head_loss  # noqa: E402
 
 
 def write_cache(directory: Path, rows: int, dim: int, classes: int, shard_rows: int = 4096) -> FeatureSplit:

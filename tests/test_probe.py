@@ -24,8 +24,8 @@ from engine.features import FeatureConfig, FeatureSplit, extract_split, shard_pa
 from engine.optim import OptimConfig, optimizer_over
 from engine.probe import (KNN, KNNConfig, ProbeModelConfig, build_feature_encoder, choose_on_validation,
                           head_param_groups, score_videos)
-from models.probe import (POOLS, AttentiveProbeGrid, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid,
-                          per_head_loss)
+from models.probe import DEFAULT_POOLS as POOLS  # the pooled features of an encoder without a cls token
+from models.probe import AttentiveProbeGrid, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
 from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
 from test_finetune import data_root  # noqa: F401  (fixture: synthetic videos, a list with a corrupt one)
