@@ -332,8 +332,8 @@ def test_the_256_pixel_continuation_starts_from_the_128_pixel_model():
 
 
 def test_the_entry_point_names_a_missing_tokenizer(tmp_path, data_root):
-    unset = [arg for arg in command(tmp_path / "run", data_root, Path("x")) if not arg.startswith("model.tokenizer")]
-    result = subprocess.run(unset, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command(tmp_path / "run", data_root, Path("x")) + ['model.tokenizer=""'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "model.tokenizer is not set" in result.stderr
     result = subprocess.run(command(tmp_path / "run", data_root, tmp_path / "none.pt"), cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
