@@ -3,7 +3,8 @@ block-masked codes from their context, together with a contrastive loss between 
 
 * ``TokenViT`` is our ``VisionTransformer`` reading codes instead of pixels: code embedding + position table
   (VIMPAC's factorized time + height + width by default) + a [CLS] vector, then a LayerNorm and dropout (VIMPAC eq. 7),
-  then the same blocks (pre-norm by default, ``norm_layout=post`` for VIMPAC's post-norm). Its token grid is the
+  then the same blocks (pre-norm by default, ``norm_layout=post`` for VIMPAC's post-norm), or with ``layout=t,h|w``
+  VIMPAC's ``FactorizedBlock`` layers (attention along time, then along height and width). Its token grid is the
   tokenizer's: one token per frame and ``patch_size``-pixel cell, so ``patch_size`` is the tokenizer's cell and
   ``tubelet_size`` is 1. It takes either codes (B, T, H, W) or a normalized clip, which its frozen tokenizer turns
   into codes first: the fine-tuning and test code paths give it clips, as they give any classifier.
