@@ -107,6 +107,20 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int) -> list[float
     return times
 
 
+def alternating_medians(steps: dict[str, Callable[[], None]], per_round: int, rounds: int,
+                        warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each of ``steps`` after ``warmup`` untimed calls of each, timed in ``rounds`` that alternate
+    between them (``per_round`` calls of one, then of the next) so that a busy machine slows every one alike."""
+    for step in steps.values():
+        for _ in range(warmup):  # the first calls allocate
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name] += timed_steps(step, per_round, 0)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
 def matmul_rate(n: int) -> float:
     """bf16 FLOP/s of an n^3 matrix product here, the mean of ten after three warm-ups."""
     a = torch.randn(n, n, device=device(), dtype=torch.bfloat16)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,6 +30,7 @@ from engine.features import FeatureSplit, shard_path  # noqa: E402
 from engine.optim import OptimConfig, optimizer_over  # noqa: E402
 from engine.probe import CachedTrainViews, collate_features, head_param_groups  # noqa: E402
 from models.probe import DEFAULT_POOLS as POOLS, LinearHeadGrid, head_grid, per_head_loss  # noqa: E402
+from run_scripts.bench_gpu import alternating_medians  # noqa: E402
 
 
 def write_cache(directory: Path, rows: int, dim: int, classes: int, shard_rows: int = 4096) -> FeatureSplit:
@@ -76,15 +75,13 @@ class Trainer:
         while True:
             yield from loader
 
-    def step(self) -> float:
-        start = time.perf_counter()
+    def step(self) -> None:
         batch = next(self.batches)
         device = self.engine.device
         loss = per_head_loss(self.engine(batch["features"].to(device)), batch["label"].to(device))
         self.engine.backward(loss)
         self.engine.step()
         loss.item()  # the step is done when its loss is known (a GPU would still be running it otherwise)
-        return time.perf_counter() - start
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -104,15 +101,10 @@ def measure(dim: int, classes: int, batch: int, heads: int, rows: int, steps: in
     """Median step time of one head and of ``heads`` in one pass on the same cache, and their ratios."""
     with tempfile.TemporaryDirectory() as tmp:
         split = write_cache(Path(tmp) / "train", rows, dim, classes)
-        trainers = {1: Trainer(split, 1, classes, batch), heads: Trainer(split, heads, classes, batch)}
-        times: dict[int, list[float]] = {h: [] for h in trainers}
-        for trainer in trainers.values():
-            for _ in range(3):  # warm-up: first steps allocate
-                trainer.step()
-        for _ in range(rounds):
-            for count, trainer in trainers.items():
-                times[count] += [trainer.step() for _ in range(steps)]
-    one, grid = statistics.median(times[1]), statistics.median(times[heads])
+        trainers = {"one": Trainer(split, 1, classes, batch), "grid": Trainer(split, heads, classes, batch)}
+        medians = alternating_medians({name: trainer.step for name, trainer in trainers.items()}, steps, rounds,
+                                      warmup=3)
+    one, grid = medians["one"], medians["grid"]
     return {"dim": dim, "classes": classes, "batch": batch, "heads": heads,
             "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
             "one_head_ms": round(1000 * one, 2), "grid_ms": round(1000 * grid, 2),

@@ -13,9 +13,8 @@ printed here is the same measurement for ours.
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -27,6 +26,7 @@ from models.masking import MaskConfig, build_mask_generator  # noqa: E402
 from models.tokenizer import TokenizerConfig, VQTokenizer  # noqa: E402
 from models.videomae import PretrainModelConfig, TargetConfig, VideoMAE  # noqa: E402
 from models.vit import ViTConfig  # noqa: E402
+from run_scripts.bench_gpu import alternating_medians  # noqa: E402
 
 KINDS = ("pixels", "hog", "tokens")
 
@@ -58,30 +58,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     mask, _ = build_mask_generator(MaskConfig(kind="tube", ratio=0.9), encoder.grid)(args.batch, device,
                                                                                    torch.Generator(device=device))
     runs = {kind: build(kind, encoder, device) for kind in KINDS}
-    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
 
-    def step(kind: str) -> float:
+    def step(kind: str) -> None:
         model, optimizer = runs[kind]
-        start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss, _, _ = model(video, mask)
         loss.backward()
         optimizer.step()
         loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    for kind in KINDS:
-        step(kind)  # warm-up
-    for _ in range(args.rounds):
-        for kind in KINDS:
-            times[kind] += [step(kind) for _ in range(args.steps)]
-    base = statistics.median(times["pixels"])
+    medians = alternating_medians({kind: functools.partial(step, kind) for kind in KINDS}, args.steps, args.rounds)
+    base = medians["pixels"]
     where = "cuda" if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"pre-training step, {args.arch} {args.frames}x{args.size}², batch {args.batch}, 90% tube mask [{where}]:")
     for kind in KINDS:
-        median = statistics.median(times[kind])
+        median = medians[kind]
         print(f"  {kind:7s} {1000 * median:9.1f} ms  {median / base:5.2f}x pixels")
     return 0
 

@@ -12,9 +12,8 @@ against 12.6 clips per GPU and second); the ratio printed here is the same measu
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +25,7 @@ from engine.contrastive import info_nce  # noqa: E402
 from models.masking import block_union_mask  # noqa: E402
 from models.tokenizer import TokenizerConfig, VQTokenizer  # noqa: E402
 from models.vimpac import VIMPAC, ContrastiveHeadConfig, VimpacModelConfig, vimpac_encoder  # noqa: E402
+from run_scripts.bench_gpu import alternating_medians  # noqa: E402
 
 LAYOUTS = ("full", "t,h|w")
 
@@ -56,28 +56,19 @@ def measure(arch: str, frames: int, size: int, batch: int, steps: int, rounds: i
     codes = torch.randint(0, 8192, (clips, *grid), device=device, generator=generator)
     mask = block_union_mask(clips, grid, 5 if grid[1] <= 16 else 6, device, generator)
     runs = {layout: build(layout, args, device) for layout in LAYOUTS}
-    times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
 
-    def step(layout: str) -> float:
+    def step(layout: str) -> None:
         model, optimizer = runs[layout]
-        start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss, _, features = model(codes, mask)
         loss = loss + 0.2 * info_nce(features[0::2], features[1::2], 0.2)
         loss.backward()
         optimizer.step()
         loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
-    for layout in LAYOUTS:
-        step(layout)  # warm-up: first steps allocate
-        step(layout)
-    for _ in range(rounds):
-        for layout in LAYOUTS:
-            times[layout] += [step(layout) for _ in range(steps)]
-    full, factorized = statistics.median(times["full"]), statistics.median(times["t,h|w"])
+    medians = alternating_medians({layout: functools.partial(step, layout) for layout in LAYOUTS}, steps, rounds,
+                                  warmup=2)
+    full, factorized = medians["full"], medians["t,h|w"]
     return {"arch": arch, "codes": list(grid), "videos": batch,
             "device": "cuda" if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
             "full_ms": round(1000 * full, 1), "factorized_ms": round(1000 * factorized, 1),
