@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.flops import linear_flops, transformer_flops
 from models.tokenizer import on_device
-from models.vit import Attention, Grid, ViTConfig, VisionTransformer, enable_checkpointing
+from models.vit import Attention, Grid, ViTConfig, VisionTransformer, drop_path_rates
 
 
 def line_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, axis: int,
@@ -133,8 +133,6 @@ def check_token_encoder(cfg: ViTConfig, tokenizer) -> None:
         raise ValueError(f"a transformer over tokenizer codes has one token per frame and {cell}-pixel cell of the "
                          f"tokenizer: set encoder.tubelet_size=1 and encoder.patch_size={cell} (got "
                          f"{cfg.tubelet_size} and {cfg.patch_size})")
-    if not cfg.cls_token:
-        raise ValueError("a transformer over tokenizer codes reads out its [CLS] vector: set encoder.cls_token=true")
 
 
 class TokenViT(VisionTransformer):
@@ -142,17 +140,16 @@ class TokenViT(VisionTransformer):
     ``models.tokenizer.VQTokenizer``, kept outside the parameters, buffers and state dict (never trained, never cast
     to the engine's precision, never saved with the model); without one the model takes codes only."""
 
-    _factorized_layouts = True
-
     def __init__(self, cfg: ViTConfig, vocab_size: int, num_classes: int = 0, global_pool: str = "none",
                  head_drop: float = 0.0, head_init_scale: float = 1.0, tokenizer=None):
-        super().__init__(cfg, num_classes, global_pool, head_drop, head_init_scale, init="trunc_normal")
+        if not cfg.cls_token:
+            raise ValueError("a transformer over tokenizer codes reads out its [CLS] vector: set "
+                             "encoder.cls_token=true")
         if tokenizer is not None:
             check_token_encoder(cfg, tokenizer)
             if tokenizer.cfg.codebook_size != vocab_size:
                 raise ValueError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes, the model {vocab_size}")
-        if not cfg.cls_token:
-            raise ValueError("TokenViT reads out its [CLS] vector: set encoder.cls_token=true")
+        super().__init__(cfg, num_classes, global_pool, head_drop, head_init_scale, init="trunc_normal")
         self.vocab_size = vocab_size
         self.mask_id, self.pad_id = special_ids(vocab_size)
         self.patch_embed = None  # codes are embedded by token_embed
@@ -160,16 +157,16 @@ class TokenViT(VisionTransformer):
         nn.init.normal_(self.token_embed.weight, std=0.02)  # BERT's initialisation
         self.embed_norm = nn.LayerNorm(self.embed_dim, eps=cfg.norm_eps)
         self.embed_drop = nn.Dropout(cfg.drop)
-        if cfg.layout == "t,h|w":
-            _, depth, heads = cfg.dims()
-            rates = [cfg.drop_path * i / (depth - 1) if depth > 1 else cfg.drop_path for i in range(depth)]
-            self.blocks = nn.ModuleList(
-                FactorizedBlock(self.embed_dim, heads, cfg.mlp_ratio, cfg.drop, cfg.attn_drop, rate, cfg.norm_eps,
-                                cfg.head_dim, cfg.norm_layout == "post") for rate in rates)
-            self.init_weights("trunc_normal", head_init_scale)
-            nn.init.normal_(self.token_embed.weight, std=0.02)
-            enable_checkpointing(self.blocks, cfg.checkpointing)
         self.__dict__["tokenizer"] = tokenizer.eval().requires_grad_(False) if tokenizer is not None else None
+
+    def build_blocks(self, cfg: ViTConfig) -> nn.ModuleList:
+        """Full attention (``VisionTransformer``'s blocks), or VIMPAC's ``FactorizedBlock`` layers (``t,h|w``)."""
+        if cfg.layout != "t,h|w":
+            return super().build_blocks(cfg)
+        dim, depth, heads = cfg.dims()
+        return nn.ModuleList(
+            FactorizedBlock(dim, heads, cfg.mlp_ratio, cfg.drop, cfg.attn_drop, rate, cfg.norm_eps, cfg.head_dim,
+                            cfg.norm_layout == "post") for rate in drop_path_rates(cfg.drop_path, depth))
 
     def rebuilt(self, cfg: ViTConfig, num_classes: int = 0, global_pool: str = "none") -> TokenViT:
         return TokenViT(cfg, self.vocab_size, num_classes, global_pool, tokenizer=self.__dict__["tokenizer"])

@@ -225,12 +225,16 @@ class Block(nn.Module):
 def make_blocks(dim, depth, num_heads, mlp_ratio, *, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0,
                 layer_scale_init=0.0, norm_eps=1e-6, use_sdpa=True, head_dim=None, post_norm=False) -> nn.ModuleList:
     """``depth`` blocks with the stochastic-depth rate ramped linearly from 0 to ``drop_path``."""
-    rates = [drop_path * i / (depth - 1) if depth > 1 else drop_path for i in range(depth)]
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, rate, layer_scale_init, norm_eps, use_sdpa,
               head_dim, post_norm)
-        for rate in rates
+        for rate in drop_path_rates(drop_path, depth)
     )
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    """Stochastic-depth rate of each of ``depth`` blocks: a linear ramp from 0 to ``drop_path``."""
+    return [drop_path * i / (depth - 1) if depth > 1 else drop_path for i in range(depth)]
 
 
 def enable_checkpointing(blocks: nn.ModuleList, mode: str) -> None:
@@ -259,8 +263,6 @@ class VisionTransformer(nn.Module):
     ``"none"`` (pre-training encoder: ``norm`` on every token, no head).
     """
 
-    _factorized_layouts = False  # whether ViTConfig.layout may be other than "full" (TokenViT)
-
     def __init__(
         self,
         cfg: ViTConfig,
@@ -276,10 +278,6 @@ class VisionTransformer(nn.Module):
         if global_pool == "cls" and not cfg.cls_token:
             raise ValueError("global_pool='cls' needs cls_token=True (VideoMAE has no cls token; use 'mean', or "
                              "'first' for a checkpoint trained with use_mean_pooling=False)")
-        if cfg.layout != "full" and not self._factorized_layouts:
-            raise ValueError(f"layout {cfg.layout!r} is for a transformer over tokenizer codes "
-                             "(models.vimpac.TokenViT); a pixel encoder drops hidden tokens, which leaves no grid to "
-                             "attend along")
         self.cfg = cfg
         dim, depth, heads = cfg.dims()
         self.embed_dim, self.depth = dim, depth
@@ -290,11 +288,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed3D(cfg.in_chans, dim, cfg.tubelet_size, cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.cls_token else None
         self.pos_embed = PositionEmbedding(cfg.pos_embed, cfg.grid, dim, cls_token=cfg.cls_token)
-        self.blocks = make_blocks(
-            dim, depth, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop=cfg.drop, attn_drop=cfg.attn_drop,
-            drop_path=cfg.drop_path, layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps,
-            use_sdpa=cfg.attention == "sdpa", head_dim=cfg.head_dim, post_norm=cfg.norm_layout == "post",
-        )
+        self.blocks = self.build_blocks(cfg)
         # post-norm blocks end on a norm already
         final_norm = global_pool != "mean" and cfg.norm_layout == "pre"
         self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if final_norm else nn.Identity()
@@ -326,6 +320,19 @@ class VisionTransformer(nn.Module):
             # VideoMAE shrinks the fresh head (init_scale 0.001) so fine-tuning starts near uniform logits.
             self.head.weight.mul_(head_init_scale)
             self.head.bias.mul_(head_init_scale)
+
+    def build_blocks(self, cfg: ViTConfig) -> nn.ModuleList:
+        """The transformer blocks: full attention over every token (a subclass may offer other layouts)."""
+        if cfg.layout != "full":
+            raise ValueError(f"layout {cfg.layout!r} is for a transformer over tokenizer codes "
+                             "(models.vimpac.TokenViT); a pixel encoder drops hidden tokens, which leaves no grid to "
+                             "attend along")
+        dim, depth, heads = cfg.dims()
+        return make_blocks(
+            dim, depth, heads, cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop=cfg.drop, attn_drop=cfg.attn_drop,
+            drop_path=cfg.drop_path, layer_scale_init=cfg.layer_scale_init, norm_eps=cfg.norm_eps,
+            use_sdpa=cfg.attention == "sdpa", head_dim=cfg.head_dim, post_norm=cfg.norm_layout == "post",
+        )
 
     def rebuilt(self, cfg: ViTConfig, num_classes: int = 0, global_pool: str = "none") -> VisionTransformer:
         """A model of the same kind (pixels in, or codes in) with configuration ``cfg``, freshly initialised."""
