@@ -86,7 +86,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     videos (normalized here); the candidates are the global batch. Returns mean_i L(i) + mean_i L'(i) over this
     rank's videos."""
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    (all_a, offset), (all_b, _) = gather_with_gradient(a), gather_with_gradient(b)
+    both, offset = gather_with_gradient(torch.stack([a, b], dim=1))  # one gather (and size exchange) for both clips
+    all_a, all_b = both[:, 0], both[:, 1]
     n = a.shape[0]
     own = torch.arange(n, device=a.device) + offset  # this rank's videos in the global batch
 
@@ -108,8 +109,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if not (self.training and group_active()):
             return super().forward(x)
         values = x.float()
-        count = sum_over_ranks(torch.tensor([float(values.shape[0])], device=x.device))
-        mean = sum_over_ranks(values.sum(dim=0)) / count
+        # the sum and the count in one all-reduce
+        totals = sum_over_ranks(torch.cat([values.sum(dim=0), values.new_full((1,), values.shape[0])]))
+        count = totals[-1:]
+        mean = totals[:-1] / count
         var = sum_over_ranks(((values - mean) ** 2).sum(dim=0)) / count  # biased: what normalizes
         if self.track_running_stats:
             with torch.no_grad():
