@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 
 from datasets.transforms import AugmentConfig
-from datasets.video_dataset import DataConfig, TrainClips, model_input
+from datasets.video_dataset import DataConfig, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, ConfigError
 from engine.contrastive import global_batch_norms, info_nce
-from engine.data import read_split
+from engine.data import train_clips
 from engine.knn_monitor import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
@@ -103,8 +103,7 @@ class VimpacTask(Task):
         self.model = global_batch_norms(model)
         log.info("tokens: the frozen tokenizer of %s (%d codes, %d-pixel cells), token grid %s", cfg.model.tokenizer,
                  tokenizer.cfg.codebook_size, tokenizer.cfg.downsample, encoder.grid)
-        self.train_set = TrainClips(read_split(cfg.data, "train"), cfg.data, clip_len=encoder.num_frames,
-                                    size=encoder.img_size, repeats=cfg.batch.repeats, seed=cfg.run.seed)
+        self.train_set = train_clips(cfg.data, encoder, cfg.batch.repeats, cfg.run.seed)
         self.masks = None if cfg.mask.block_count else build_mask_generator(cfg.mask, encoder.grid)
         self.knn = KNNMonitor(cfg.knn, cfg.data, encoder, cfg.optim.epochs) if cfg.knn.every_epochs else None
         self._last: dict[str, torch.Tensor] = {}

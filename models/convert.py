@@ -110,7 +110,7 @@ _OWN_EMBEDDINGS = (r"cls_token|pos_embed\.(?:spatial|temporal|height|width|cls)|
                    r"|embed_norm\.(?:weight|bias)")
 # VIMPAC's "T,H|W" layers (models.vimpac.FactorizedBlock): attention along time, then along height and width, then MLP.
 _FACTORIZED_BLOCK_PARAM = (
-    r"blocks\.\d+\.(?:(?:time|space)\.(?:(?:proj)\.(?:weight|bias)|qkv\.weight|q_bias|v_bias)"
+    r"blocks\.\d+\.(?:(?:time|space)\.(?:proj\.(?:weight|bias)|qkv\.weight|q_bias|v_bias)"
     r"|(?:norm_time|norm_space|norm_mlp|mlp\.fc1|mlp\.fc2)\.(?:weight|bias))"
 )
 _CLASSIFIER_KEY = re.compile(
