@@ -41,11 +41,6 @@ from datasets.decode import VideoReadError, open_video
 from datasets.transforms import resize_short_side
 from datasets.video_dataset import Failure
 
-__all__ = ["AVAClipConfig", "Keyframe", "group_keyframes", "clip_frame_numbers", "keyframe_number", "crop_boxes",
-           "flip_boxes", "jitter_boxes", "frames_at_ticks", "train_view", "full_frame_view", "AVAKeyframes",
-           "collate_keyframes", "num_boxes"]
-
-
 @dataclass
 class AVAClipConfig:
     """Where the frames are and how a keyframe becomes a clip."""

@@ -21,17 +21,6 @@ from __future__ import annotations
 import random
 from typing import Literal, Optional
 
-__all__ = [
-    "ShortPolicy",
-    "clip_span",
-    "dense_indices",
-    "segment_indices",
-    "repeated_dense_indices",
-    "multiview_temporal_indices",
-    "multiview_segment_indices",
-    "union_indices",
-]
-
 # What to do when a video is shorter than the clip's span: wrap around to the first frame ("loop"),
 # or hold the last frame ("repeat_last", as VideoMAE and SlowFast pad).
 ShortPolicy = Literal["loop", "repeat_last"]

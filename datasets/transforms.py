@@ -34,31 +34,6 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-__all__ = [
-    "CropBox",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "crop_and_resize",
-    "multi_scale_crop_params",
-    "fixed_crop_offsets",
-    "multi_scale_crop",
-    "random_resized_crop_params",
-    "random_resized_crop",
-    "horizontal_flip",
-    "rand_augment",
-    "random_erasing_params",
-    "random_erasing",
-    "resize_short_side",
-    "center_crop",
-    "three_crop_boxes",
-    "three_crops",
-    "AugmentConfig",
-    "Compose",
-    "build_transform",
-    "eval_views",
-    "build_eval_views",
-]
-
 # The normalization applied later on the device; needed here only to fill like VideoMAE does.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

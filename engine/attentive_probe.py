@@ -141,7 +141,7 @@ class AttentiveProbeTask(Task):
             return evaluate_columns(engine, dataset, len(self.names), num_classes=self.cfg.model.num_classes,
                                     micro_batch=self.cfg.eval.micro_batch, num_workers=self.cfg.batch.num_workers,
                                     device=engine.device, dtype=ds.input_dtype(engine),
-                                    collective_forward=engine.zero_optimization_stage() == 3)
+                                    collective_forward=ds.parameters_partitioned(engine))
         finally:
             engine.train()
 

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as torch_dist
 
 from datasets.files import atomic_path, write_text_atomic
+from engine.dist import barrier, get_rank, is_main_process
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -63,22 +63,9 @@ def latest_complete(output_dir) -> Optional[int]:
     return steps[-1] if steps else None
 
 
-def _is_main() -> bool:
-    return not torch_dist.is_initialized() or torch_dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
-
-
 def _write_marker(directory: Path, step: int) -> None:
     # Not synced: the shards DeepSpeed just wrote are not either, so syncing the marker alone would promise nothing.
     write_text_atomic(directory / MARKER, json.dumps({"step": step, "time": time.time()}) + "\n", fsync=False)
-
-
-def _rank() -> int:
-    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 
 
 def _rank_file(directory: Path, rank: int) -> Path:
@@ -98,12 +85,12 @@ def save_checkpoint(engine, output_dir, step: int, client_state: dict[str, Any],
     directory = root / step_tag(step)
     engine.save_checkpoint(str(root), tag=step_tag(step), client_state=client_state, save_latest=False)
     if rank_state is not None:
-        torch.save(rank_state, _rank_file(directory, _rank()))
-    _barrier()  # every rank's files are on disk
-    if _is_main():
+        torch.save(rank_state, _rank_file(directory, get_rank()))
+    barrier()  # every rank's files are on disk
+    if is_main_process():
         _write_marker(directory, step)
         prune(output_dir, keep_last)
-    _barrier()  # nobody resumes or saves again before the marker and the pruning are done
+    barrier()  # nobody resumes or saves again before the marker and the pruning are done
     return directory
 
 
@@ -132,7 +119,7 @@ def load_latest(engine, output_dir) -> Optional[tuple[dict[str, Any], Optional[d
     path, client_state = engine.load_checkpoint(str(checkpoint_root(output_dir)), tag=step_tag(step))
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the complete checkpoint {directory}")
-    rank_file = _rank_file(directory, _rank())
+    rank_file = _rank_file(directory, get_rank())
     # Our own files hold RNG states (numpy/python objects): written by this code, read back unrestricted.
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
     return client_state, rank_state

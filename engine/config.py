@@ -32,10 +32,6 @@ from datasets.files import write_text_atomic
 if TYPE_CHECKING:
     from engine.optim import OptimConfig
 
-__all__ = ["ConfigError", "BatchConfig", "Derived", "derive", "load_config", "to_dict",
-           "save_config"]
-
-
 class ConfigError(ValueError):
     """A configuration is malformed; the message says where and how to fix it."""
 

@@ -19,66 +19,10 @@ SyncBatchNorm refuses CPU tensors), so that the features, and the loss, do not d
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.evaluate import group_active
-
-
-class _GatherWithGradient(torch.autograd.Function):
-    """``all_gather`` of tensors of any first size whose backward sums every rank's gradient for this rank's part (an
-    all-reduce then a slice: gloo has no reduce-scatter). Parts are padded to the largest for the collective."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        largest = max(sizes)
-        padded = torch.zeros(largest, *x.shape[1:], dtype=x.dtype, device=x.device)
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded)
-        ctx.rank, ctx.sizes, ctx.largest = dist.get_rank(), sizes, largest
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        padded = grad.new_zeros(len(ctx.sizes), ctx.largest, *grad.shape[1:])
-        for rank, part in enumerate(grad.split(ctx.sizes)):
-            padded[rank, : part.shape[0]] = part
-        dist.all_reduce(padded)
-        return padded[ctx.rank, : ctx.sizes[ctx.rank]], None
-
-
-class _AllReduceWithGradient(torch.autograd.Function):
-    """The sum over ranks; every rank uses it, so the gradient of each rank's input is the sum of every rank's."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def gather_with_gradient(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(every rank's ``x`` concatenated in rank order, where this rank's rows start), gradients flowing back to the
-    owners; ``(x, 0)`` without a process group of more than one rank."""
-    if not group_active():
-        return x, 0
-    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
-    sizes = [int(c.item()) for c in counts]
-    return _GatherWithGradient.apply(x.contiguous(), sizes), sum(sizes[: dist.get_rank()])
-
-
-def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
-    """``x`` summed over the ranks, with gradients to every rank's ``x``; ``x`` itself on one rank."""
-    return _AllReduceWithGradient.apply(x) if group_active() else x
+from engine.dist import gather_with_gradient, group_active, sum_over_ranks
 
 
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -16,11 +16,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from datasets.ava_dataset import AVAClipConfig, AVAKeyframes, Keyframe, collate_keyframes, group_keyframes
@@ -31,9 +30,9 @@ from datasets.synthetic_ava import SyntheticAVASpec, ensure_synthetic_ava
 from datasets.video_dataset import IMAGENET_MEAN, IMAGENET_STD, Failure, model_input
 from engine import checkpoint, ds, preempt
 from engine.ava_eval import dense_to_rows, format_ap_table, frame_average_precision, write_detections_csv
-from engine.evaluate import group_active, max_over_ranks
+from engine.evaluate import forwards_in_lockstep
 from engine.config import BatchConfig, ConfigError
-from engine.dist import barrier, is_main_process
+from engine.dist import all_gather_objects, barrier, get_rank, get_world_size, is_main_process
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
 from engine.task import Task, export_final_weights
@@ -176,15 +175,6 @@ def detected_keyframes(data: AVADataConfig) -> list[Keyframe]:
 # ---- evaluation ------------------------------------------------------------------------------------------------
 
 
-def _all_gather(value: Any) -> list:
-    """Every rank's ``value``, in rank order (a collective when a group is active)."""
-    if not group_active():
-        return [value]
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, value)
-    return parts
-
-
 def rank_batches(keyframes: list[Keyframe], micro_batch: int, world: int, rank: int) -> list[list[int]]:
     """This rank's batches of keyframe indices: a contiguous share of the items (every item once over the ranks,
     no padding), cut into runs of at most ``micro_batch`` consecutive keyframes of one video. Whole test frames
@@ -224,24 +214,18 @@ def score_keyframes(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     forward gathers parameters from every rank): a rank with fewer batches, or with a batch that could not be
     read, runs a forward on a blank clip without boxes, so every rank calls it the same number of times.
     ``times_box_score``: each action score is multiplied by the box's detector score."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
-    batches = rank_batches(dataset.keyframes, micro_batch, world, rank)
+    batches = rank_batches(dataset.keyframes, micro_batch, get_world_size(), get_rank())
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_keyframes, num_workers=num_workers,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
-    rounds = max_over_ranks(len(batches)) if collective_forward else len(batches)
     columns = torch.tensor([i - 1 for i in class_ids])
     scored: list[tuple[int, np.ndarray]] = []  # (keyframe index, (K_i, classes) scores)
     failures: list[Failure] = []
-    iterator = preempt.iterate(loader)  # validation runs during training: its workers must survive the signals
-    for _ in range(rounds):
-        batch = next(iterator, None)
-        if batch is not None:
-            failures += batch["failures"]
-        if batch is None or batch["video"] is None:
-            if collective_forward:
-                forward(_blank_clip(dataset, device, dtype), torch.zeros(0, 5, device=device))
-            continue
+
+    def run(batch: dict) -> bool:
+        failures.extend(batch["failures"])
+        if batch["video"] is None:
+            return False
         video = model_input(batch["video"].to(device, non_blocking=True), dataset.cfg, dtype)
         probs = forward(video, batch["rois"].to(device)).float().sigmoid().cpu()[:, columns].double().numpy()
         if times_box_score:
@@ -249,7 +233,14 @@ def score_keyframes(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         keyframe = batch["keyframe"].numpy()
         for index in np.unique(keyframe):
             scored.append((int(index), probs[keyframe == index]))
-    parts = _all_gather((scored, [(f.index, f.path, f.reason) for f in failures]))
+        return True
+
+    def blank() -> None:
+        forward(_blank_clip(dataset, device, dtype), torch.zeros(0, 5, device=device))
+
+    # validation runs during training: its loader's workers must survive the signals
+    forwards_in_lockstep(preempt.iterate(loader), len(batches), run, blank, collective_forward)
+    parts = all_gather_objects((scored, [(f.index, f.path, f.reason) for f in failures]))
     return _assemble(dataset, class_ids, [row for part in parts for row in part[0]],
                      sorted({f for part in parts for f in part[1]}))
 
@@ -416,7 +407,7 @@ class DetectionTask(Task):
             result = score_keyframes(engine, dataset, sorted(self.label_map), micro_batch=self.cfg.eval.micro_batch,
                                      num_workers=self.cfg.batch.num_workers, device=engine.device,
                                      dtype=ds.input_dtype(engine),
-                                     collective_forward=engine.zero_optimization_stage() == 3,
+                                     collective_forward=ds.parameters_partitioned(engine),
                                      times_box_score=self.cfg.eval.times_box_score)
         finally:
             engine.train()
@@ -474,7 +465,3 @@ def evaluate_weights(cfg: DetectionConfig, path: str, device: torch.device) -> t
     truth = ground_truth(cfg.data, "val", label_map)
     return result, average_precision(result, truth, read_excluded_timestamps(cfg.data.path("val_excluded"))), \
         label_map
-
-
-__all__ = ["DetectionConfig", "DetectionModelConfig", "AVADataConfig", "DetectionEvalConfig", "DetectionTask",
-           "DetectionScores", "score_keyframes", "rank_batches", "evaluate_weights", "write_outputs", "describe"]

@@ -31,27 +31,10 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
-
-__all__ = [
-    "DistInfo",
-    "detect_launch",
-    "expand_hostlist",
-    "slurm_port",
-    "slurm_rendezvous",
-    "backend_name",
-    "init_distributed",
-    "is_main_process",
-    "get_rank",
-    "get_world_size",
-    "barrier",
-    "cpu_group",
-    "cleanup",
-    "setup_logging",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -432,6 +415,118 @@ def cleanup() -> None:
     """Destroy the default process group if there is one (call once, at the end of training)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------
+# Collectives: every one the project runs is here, so that the rest of the code asks for an agreement
+# ("the largest count", "every rank's list") and never handles a process group itself.
+# --------------------------------------------------------------------------
+
+
+def group_active() -> bool:
+    """A process group of more than one rank: collectives have something to combine."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def collective_device() -> torch.device:
+    """Where tensors must be for the default group's collectives: the current GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_gather_objects(value: Any, group=None) -> list:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` without a group of several ranks. A
+    collective: call it at the same point on every rank. ``group``: ``cpu_group()`` for host-side agreements."""
+    if not group_active():
+        return [value]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value, group=group)
+    return parts
+
+
+def sum_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` replaced, in place, by its sum over the ranks (through the collective device when it lives
+    elsewhere); returned for chaining. No gradient: see ``sum_over_ranks`` for that."""
+    if group_active():
+        buffer = tensor if tensor.device == collective_device() else tensor.to(collective_device())
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+        if buffer is not tensor:
+            tensor.copy_(buffer)
+    return tensor
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest ``value`` of any rank."""
+    if not group_active():
+        return value
+    tensor = torch.tensor([value], device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def any_rank(flags: list[bool]) -> list[bool]:
+    """Each flag set where any rank set it, agreed through the host group (``cpu_group``): under NCCL an
+    all-reduce of GPU tensors read back on the host would make every step wait for the GPU to drain."""
+    group = cpu_group()
+    if group is None:
+        return list(flags)
+    agreed = torch.tensor([float(flag) for flag in flags])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
+    return [value > 0 for value in agreed.tolist()]
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """``all_gather`` of tensors of any first size whose backward sums every rank's gradient for this rank's part (an
+    all-reduce then a slice: gloo has no reduce-scatter). Parts are padded to the largest for the collective."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        largest = max(sizes)
+        padded = torch.zeros(largest, *x.shape[1:], dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        ctx.rank, ctx.sizes, ctx.largest = dist.get_rank(), sizes, largest
+        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        padded = grad.new_zeros(len(ctx.sizes), ctx.largest, *grad.shape[1:])
+        for rank, part in enumerate(grad.split(ctx.sizes)):
+            padded[rank, : part.shape[0]] = part
+        dist.all_reduce(padded)
+        return padded[ctx.rank, : ctx.sizes[ctx.rank]], None
+
+
+class _AllReduceWithGradient(torch.autograd.Function):
+    """The sum over ranks; every rank uses it, so the gradient of each rank's input is the sum of every rank's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def gather_with_gradient(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(every rank's ``x`` concatenated in rank order, where this rank's rows start), gradients flowing back to the
+    owners; ``(x, 0)`` without a process group of more than one rank."""
+    if not group_active():
+        return x, 0
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(c.item()) for c in counts]
+    return _GatherWithGradient.apply(x.contiguous(), sizes), sum(sizes[: dist.get_rank()])
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks, with gradients to every rank's ``x``; ``x`` itself on one rank."""
+    return _AllReduceWithGradient.apply(x) if group_active() else x
 
 
 # --------------------------------------------------------------------------

@@ -59,24 +59,6 @@ import torch.distributed as torch_dist
 from engine import dist
 from engine.config import BatchConfig, Derived
 
-__all__ = [
-    "DeepSpeedConfig",
-    "TEMPLATE_DIR",
-    "available_templates",
-    "load_template",
-    "template_precision",
-    "build_ds_config",
-    "check_precision_supported",
-    "initialize",
-    "engine_step",
-    "loss_scale",
-    "global_grad_norm",
-    "is_gradient_accumulation_boundary",
-    "skipped_steps",
-    "full_parameters",
-]
-
-
 # The repository's DeepSpeed templates (ds_configs/<name>.json).
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -447,14 +429,15 @@ def global_grad_norm(engine) -> Optional[float]:
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 
-def is_gradient_accumulation_boundary(engine) -> bool:
-    """True when the next ``engine_step`` will reduce gradients and step the optimizer."""
-    return bool(engine.is_gradient_accumulation_boundary())
-
-
 def skipped_steps(engine) -> int:
     """Optimizer steps DeepSpeed skipped so far (fp16 overflow, or a non-finite gradient norm)."""
     return int(engine.skipped_steps)
+
+
+def parameters_partitioned(engine) -> bool:
+    """Whether each rank holds only a slice of every parameter (ZeRO-3): then a forward gathers parameters from
+    every rank, so every rank must run the same number of forwards, and reading whole weights is a collective."""
+    return engine.zero_optimization_stage() == 3
 
 
 def full_parameters(engine) -> dict[str, torch.Tensor]:
@@ -464,7 +447,7 @@ def full_parameters(engine) -> dict[str, torch.Tensor]:
     mixed precision), not the optimizer's fp32 master weights.
     """
     named = list(engine.module.named_parameters())
-    if engine.zero_optimization_stage() == 3:
+    if parameters_partitioned(engine):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):

@@ -11,18 +11,15 @@ and left out of every accuracy; it is never replaced by another video.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import EvalClips, collate_clips, model_input
 from engine import preempt
-
-__all__ = ["ScoreAccumulator", "gather", "summarize", "score_views", "evaluate_clips", "evaluate_columns"]
-
+from engine.dist import all_gather_objects, get_rank, get_world_size, max_over_ranks, sum_over_ranks_
 
 class ScoreAccumulator:
     """Per-video sums of softmax probabilities and per-video view counts.
@@ -73,13 +70,20 @@ class ScoreAccumulator:
             self.failures.append((int(index), str(path), str(reason)))
 
 
-def group_active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _collective_device() -> torch.device:
-    """Where tensors must be for the process group's collectives: the current GPU under NCCL, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+def forwards_in_lockstep(batches: Iterable, count: int, run: Callable[[Any], bool], blank: Callable[[], Any],
+                         collective_forward: bool) -> None:
+    """The protocol of every evaluation split over the ranks: each rank calls ``run`` on each of its own ``count``
+    batches (a count known before any is read); ``run`` returns False for a batch it could not forward (every item
+    unreadable). With ``collective_forward`` (parameters partitioned, so that a forward gathers them from every
+    rank) every rank runs the same number of forwards: as many as the rank with the most batches, a ``blank()``
+    forward standing in wherever a rank has no batch left or could not forward one. The caller gathers the
+    results afterwards."""
+    rounds = max_over_ranks(count) if collective_forward else count
+    iterator = iter(batches)
+    for _ in range(rounds):
+        batch = next(iterator, None)
+        if not (batch is not None and run(batch)) and collective_forward:
+            blank()
 
 
 def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
@@ -91,17 +95,9 @@ def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
     """
     out = ScoreAccumulator(acc.num_videos, acc.num_classes, acc.columns)
     out.scores, out.counts = acc.scores.clone(), acc.counts.clone()
-    failures = list(acc.failures)
-    if group_active():
-        device = _collective_device()
-        for tensor in (out.scores, out.counts):
-            buffer = tensor.to(device)
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            tensor.copy_(buffer.cpu())
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, failures)
-        failures = [f for part in parts for f in part]
-    out.failures = sorted(set(failures))
+    sum_over_ranks_(out.scores)
+    sum_over_ranks_(out.counts)
+    out.failures = sorted({f for part in all_gather_objects(list(acc.failures)) for f in part})
     return out
 
 
@@ -159,14 +155,6 @@ def summarize(acc: ScoreAccumulator, labels: Sequence[int], paths: Sequence[str]
     }
 
 
-def max_over_ranks(value: int) -> int:
-    if not group_active():
-        return value
-    tensor = torch.tensor([value], device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
-
-
 @torch.no_grad()
 def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalClips, *, num_classes: int,
                 micro_batch: int, num_workers: int, device: torch.device, dtype: torch.dtype,
@@ -181,25 +169,23 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     every rank): ranks with fewer batches, or with a batch whose videos all failed, run a forward on the dataset's
     blank item so that every rank calls it the same number of times.
     """
-    world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
-    sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
+    sampler = ResumableDistributedSampler(len(dataset), get_world_size(), get_rank(), shuffle=False, pad=False)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's
     acc = ScoreAccumulator(len(dataset.records), num_classes, columns)
-    rounds = max_over_ranks(len(loader)) if collective_forward else len(loader)
     blank = model_input(collate_clips([dataset.blank_item()])["video"].to(device), dataset.cfg, dtype)
-    batches = preempt.iterate(loader)  # validation runs during training: its workers must survive the signals
-    for _ in range(rounds):
-        batch = next(batches, None)
-        if batch is not None:
-            acc.add_failures(batch["failures"])
-        if batch is None or batch["video"] is None:
-            if collective_forward:
-                forward(blank)
-            continue
-        video = model_input(batch["video"].to(device, non_blocking=True), dataset.cfg, dtype)
-        acc.add(forward(video).float(), batch["index"])
+
+    def run(batch: dict) -> bool:
+        acc.add_failures(batch["failures"])
+        if batch["video"] is None:
+            return False
+        acc.add(forward(model_input(batch["video"].to(device, non_blocking=True), dataset.cfg, dtype)).float(),
+                batch["index"])
+        return True
+
+    # validation runs during training: its loader's workers must survive the signals
+    forwards_in_lockstep(preempt.iterate(loader), len(loader), run, lambda: forward(blank), collective_forward)
     return gather(acc)
 
 

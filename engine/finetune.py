@@ -287,7 +287,7 @@ class FinetuneTask(Task):
 
     def _variants(self, engine):
         """(name, forward, input dtype, collective forward) of what is evaluated: the model, and its EMA."""
-        yield "model", engine, ds.input_dtype(engine), engine.zero_optimization_stage() == 3
+        yield "model", engine, ds.input_dtype(engine), ds.parameters_partitioned(engine)
         if self.ema is not None:
             self._ema_to(engine.device)
             yield "ema", self.ema.module, torch.float32, False

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from datasets.video_dataset import DataConfig, EvalClips, collate_clips, model_input
 from engine import ds
 from engine.config import require
 from engine.data import read_split
-from engine.evaluate import group_active
+from engine.dist import all_gather_objects, get_rank, get_world_size
+from engine.evaluate import forwards_in_lockstep
 from models.vit import ViTConfig
 
 log = logging.getLogger("knn")
@@ -81,29 +81,28 @@ class KNNMonitor:
     def _features(self, encoder: torch.nn.Module, dataset: EvalClips, device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(features (n, D) L2-normalized, labels (n,), unreadable videos) of every readable clip, on every rank."""
-        world, rank = (dist.get_world_size(), dist.get_rank()) if group_active() else (1, 0)
-        batch = self.cfg.micro_batch
-        rounds = math.ceil(len(dataset) / (batch * world))
-        features, labels, failed = [], [], 0
-        blank = model_input(collate_clips([dataset.blank_item()])["video"].to(device), self.data, dtype)
-        for r in range(rounds):
-            start = (r * world + rank) * batch
-            items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-            collated = collate_clips(items) if items else None
-            if collated is None or collated["video"] is None:
-                encoder.forward_features(blank)  # every rank runs the same forwards (ZeRO-3 gathers in them)
-                failed += len(collated["failures"]) if collated else 0
-                continue
-            failed += len(collated["failures"])
-            video = model_input(collated["video"].to(device), self.data, dtype)
+        world, rank, size = get_world_size(), get_rank(), self.cfg.micro_batch
+        rounds = math.ceil(len(dataset) / (size * world))
+        starts = [start for start in ((r * world + rank) * size for r in range(rounds)) if start < len(dataset)]
+        batches = (collate_clips([dataset[i] for i in range(start, min(start + size, len(dataset)))])
+                   for start in starts)
+        features, labels, failed = [], [], [0]
+
+        def run(batch: dict) -> bool:
+            failed[0] += len(batch["failures"])
+            if batch["video"] is None:
+                return False
+            video = model_input(batch["video"].to(device), self.data, dtype)
             features.append(F.normalize(encoder.forward_features(video).float().mean(dim=1), dim=-1).cpu())
-            labels.append(collated["label"])
+            labels.append(batch["label"])
+            return True
+
+        blank = model_input(collate_clips([dataset.blank_item()])["video"].to(device), self.data, dtype)
+        # every rank runs the same forwards whatever the engine (ZeRO-3 gathers in them): one count for all
+        forwards_in_lockstep(batches, rounds, run, lambda: encoder.forward_features(blank), collective_forward=True)
         mine = (torch.cat(features) if features else torch.zeros(0, encoder.embed_dim),
-                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64), failed)
-        parts = [mine]
-        if group_active():
-            parts = [None] * world
-            dist.all_gather_object(parts, mine)
+                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64), failed[0])
+        parts = all_gather_objects(mine)
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum(p[2] for p in parts))
 
     def __call__(self, encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype,

@@ -29,14 +29,6 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
-__all__ = [
-    "MixupConfig",
-    "MixupFn",
-    "build_mixup",
-    "soft_target_cross_entropy",
-    "classification_loss",
-]
-
 MixupFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 

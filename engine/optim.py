@@ -31,17 +31,6 @@ from torch import nn
 
 from engine.config import Derived, require
 
-__all__ = [
-    "param_groups",
-    "describe_groups",
-    "cosine_schedule",
-    "Schedules",
-    "apply_schedules",
-    "build_optimizer",
-    "optimizer_over",
-]
-
-
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "lars")
 
 

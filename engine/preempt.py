@@ -27,10 +27,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
-from engine.dist import cpu_group
+from engine.dist import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +99,7 @@ class PreemptionGuard:
         read back on the host would make every step wait for the GPU to drain."""
         if not self.signals:
             return None
-        flags = [float(self.requeue_signal in self.received), float(self.stop_signal in self.received)]
-        group = cpu_group()  # None for a single process
-        if group is not None:
-            agreed = torch.tensor(flags)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=group)
-            flags = agreed.tolist()
-        requeue, stop = (flag > 0 for flag in flags)
+        requeue, stop = any_rank([self.requeue_signal in self.received, self.stop_signal in self.received])
         if not (requeue or stop):
             return None
         name = self.requeue_signal.name if requeue else self.stop_signal.name

@@ -532,7 +532,3 @@ def describe_results(results: dict) -> str:
 
 def _local_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-__all__ = ["LinearProbeConfig", "LinearProbeTask", "KNN", "score_videos", "cache_features", "build_feature_encoder",
-           "choose_on_validation"]

@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, TrainClips, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, ConfigError, load_config, require
 from engine.data import read_split
-from engine.dist import is_main_process
-from engine.evaluate import group_active
+from engine.dist import is_main_process, sum_over_ranks_
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
 from engine.task import Task, export_final_weights
@@ -127,9 +125,8 @@ class TokenizerTask(Task):
         counts = self.code_counts.to(engine.device)
         totals = torch.stack([torch.as_tensor(self.squared_error, dtype=torch.float64, device=engine.device),
                               torch.tensor(float(self.pixels), dtype=torch.float64, device=engine.device)])
-        if group_active():  # every rank's codes and errors
-            dist.all_reduce(counts)
-            dist.all_reduce(totals)
+        sum_over_ranks_(counts)  # every rank's codes and errors
+        sum_over_ranks_(totals)
         stats = codebook_statistics(counts)
         record = {"mse": (totals[0] / totals[1].clamp(min=1)).item(), **stats}
         self._reset_epoch()
@@ -203,6 +200,3 @@ def load_trained_tokenizer(path: str, setting: str = "model.target.tokenizer") -
         raise ConfigError(f"{setting}={path}: expected the weights.pt of a run_scripts/tokenizer.py run, with "
                           f"its config.yaml beside it")
     return load_tokenizer(load_config(TokenizerTrainConfig, str(config)).model, path)
-
-
-__all__ = ["TokenizerTrainConfig", "TokenizerTask", "load_tokenizer", "load_trained_tokenizer"]

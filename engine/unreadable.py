@@ -23,9 +23,7 @@ import os
 import re
 from pathlib import Path
 
-import torch.distributed as dist
-
-from engine.dist import cpu_group
+from engine.dist import all_gather_objects, cpu_group
 
 log = logging.getLogger("train")
 
@@ -89,11 +87,7 @@ class UnreadableLog:
     def gather(self) -> int:
         """Collect every rank's failures since the last call and name the new files on rank 0; returns how many
         reads failed on all ranks together. A collective: call it at the same point on every rank."""
-        gathered = [self.pending]
-        group = cpu_group()
-        if group is not None:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.pending, group=group)
+        gathered = all_gather_objects(self.pending, group=cpu_group())  # host-side: the names are host values
         self.pending = []
         failures = sorted((failure for part in gathered for failure in part), key=lambda f: (f[2], f[0]))
         if self.is_main:

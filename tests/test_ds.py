@@ -180,7 +180,7 @@ def _train(ds, template, precision, clip=None):
         _set_lr(optimizer, step)
         step_loss = 0.0
         for x, y in _data():
-            assert ds.is_gradient_accumulation_boundary(engine) == (len(boundaries) % ACCUM == ACCUM - 1)
+            assert engine.is_gradient_accumulation_boundary() == (len(boundaries) % ACCUM == ACCUM - 1)
             loss = torch.nn.functional.mse_loss(engine(x.to(dtype)).float(), y)
             step_loss += loss.item() / ACCUM
             boundaries.append(ds.engine_step(engine, loss))
