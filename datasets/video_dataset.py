@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from datasets.annotations import AnnotationFormat, VideoRecord, read_annotations
 from datasets.decode import VideoReadError, open_video
-from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
 from datasets.sampling import (
     clip_span,
     multiview_segment_indices,

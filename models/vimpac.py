@@ -14,7 +14,7 @@ block-masked codes from their context, together with a contrastive loss between 
 * ``VIMPAC`` adds BERT's token head (dense → GELU → LayerNorm → the code embedding transposed, own bias; eq. 16-17),
   scored with cross-entropy on the hidden positions only, and the contrastive head on [CLS] ((Linear + BatchNorm +
   ReLU) × (layers − 1), then a bias-free Linear). Its forward returns the mask loss, the mask accuracy and the
-  contrastive features; the InfoNCE over the global batch (``engine.contrastive``) needs other ranks and is the
+  contrastive features; the InfoNCE over the global batch (``engine.tasks.vimpac``) needs other ranks and is the
   engine's.
 
 Single-device code: no distribution, precision or device placement here.
@@ -263,7 +263,7 @@ class ContrastiveHeadConfig:
 
 class ContrastiveHead(nn.Sequential):
     """VIMPAC's [CLS] head (after MoCo v3): (Linear + BatchNorm + ReLU) × (layers − 1), then a bias-free Linear. The
-    engine replaces its BatchNorms by ones whose statistics span every rank (``engine.contrastive``)."""
+    engine replaces its BatchNorms by ones whose statistics span every rank (``engine.tasks.vimpac``)."""
 
     def __init__(self, dim: int, cfg: ContrastiveHeadConfig):
         layers: list[nn.Module] = []

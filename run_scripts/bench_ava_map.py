@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file, installed or not
 
-from engine.ava_eval import ACTIVITYNET_DETECTIONS_PER_KEY, dense_to_rows, frame_average_precision  # noqa: E402
+from engine.eval.ava_map import ACTIVITYNET_DETECTIONS_PER_KEY, dense_to_rows, frame_average_precision  # noqa: E402
 from tests.test_ava_eval import reference_ap  # noqa: E402
 
 # AVA v2.2 label map (ActivityNet 2019): ids 1..80 less these 20

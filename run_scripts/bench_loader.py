@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, i
 from datasets.annotations import VideoRecord  # noqa: E402
 from datasets.sampling import dense_indices  # noqa: E402
 from datasets.transforms import AugmentConfig, multi_scale_crop_params  # noqa: E402
-from datasets.video_dataset import IMAGENET_MEAN, IMAGENET_STD, DataConfig, TrainClips  # noqa: E402
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from datasets.video_dataset import DataConfig, TrainClips  # noqa: E402
 from datasets.video_io import write_video  # noqa: E402
 
 RESOLUTIONS = ((568, 320), (456, 256))

@@ -3,7 +3,7 @@
     python run_scripts/bench_probe_grid.py [--dim 768] [--classes 400] [--batch 1024] [--heads 32] [--steps 20]
 
 What a linear probe run does per step, on one rank: a batch of cached features read from float16 shards
-(``engine.features.FeatureSplit``, memory-mapped, one read per batch), the ``LinearHeadGrid`` forward, the sum of
+(``engine.eval.features.FeatureSplit``, memory-mapped, one read per batch), the ``LinearHeadGrid`` forward, the sum of
 the heads' losses, backward and the SGD step of DeepSpeed's engine over the heads' parameter groups. The grid is
 pools x lrs x weight decays (3 x N/6 x 2 when N divides so, else 1 x N x 1). Rounds alternate one head and the
 grid, so a busy machine slows both alike; the median step time of each is reported with the ratio, the target
@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
 
 from engine import ds  # noqa: E402
-from engine.features import FeatureSplit, shard_path  # noqa: E402
+from engine.eval.features import FeatureSplit, shard_path  # noqa: E402
 from engine.optim import OptimConfig, optimizer_over  # noqa: E402
-from engine.probe import CachedTrainViews, collate_features, head_param_groups  # noqa: E402
+from engine.tasks.probe import CachedTrainViews, collate_features, head_param_groups  # noqa: E402
 from models.probe import DEFAULT_POOLS as POOLS, LinearHeadGrid, head_grid, per_head_loss  # noqa: E402
 from run_scripts.bench_gpu import alternating_medians  # noqa: E402
 

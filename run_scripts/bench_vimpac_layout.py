@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, i
 
 import torch  # noqa: E402
 
-from engine.contrastive import info_nce  # noqa: E402
+from engine.tasks.vimpac import info_nce  # noqa: E402
 from models.masking import block_union_mask  # noqa: E402
 from models.tokenizer import TokenizerConfig, VQTokenizer  # noqa: E402
 from models.vimpac import VIMPAC, ContrastiveHeadConfig, VimpacModelConfig, vimpac_encoder  # noqa: E402

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
-from engine.detection import DetectionTask, describe, evaluate_weights, write_outputs  # noqa: E402
+from engine.eval.detection import describe, write_outputs  # noqa: E402
+from engine.tasks.detection import DetectionTask, evaluate_weights  # noqa: E402
 from engine.launch import add_eval_only_flags, eval_only_weights, launch  # noqa: E402
 
 log = logging.getLogger("detect")

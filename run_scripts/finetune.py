@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
-from engine.finetune import FinetuneTask, describe_scores, evaluate_weights, write_json  # noqa: E402
+from engine.eval.multiview import describe_scores  # noqa: E402
+from engine.tasks.finetune import FinetuneTask, evaluate_weights, write_json  # noqa: E402
 from engine.launch import add_eval_only_flags, eval_only_weights, launch  # noqa: E402
 
 log = logging.getLogger("finetune")

@@ -7,7 +7,7 @@ Run from the repository root (300 clips of 32 x 64^2 take a few seconds on 2 cor
         --frames 16 --size 32 --seed 1 --workers 2
 
 If DIR already holds a complete dataset generated with the same parameters it is left as it is (use --force to
-rebuild anyway). Classes, layout and list format are documented in ``datasets/synthetic.py``.
+rebuild anyway). Classes, layout and list format are documented in ``datasets/synthetic/motion.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Sequence
 # Run as a file from anywhere: make the repository root importable (the project may not be installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.synthetic import (  # noqa: E402  (after the sys.path line)
+from datasets.synthetic.motion import (  # noqa: E402  (after the sys.path line)
     CLASS_NAMES,
     SyntheticSpec,
     default_workers,

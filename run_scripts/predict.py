@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, i
 from datasets.annotations import VideoRecord  # noqa: E402
 from datasets.video_dataset import EvalClips  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
-from engine.evaluate import score_views  # noqa: E402
-from engine.finetune import FinetuneConfig, load_trained_model  # noqa: E402
-from engine.pretrain import PretrainConfig  # noqa: E402
+from engine.eval.multiview import score_views  # noqa: E402
+from engine.tasks.finetune import FinetuneConfig, load_trained_model  # noqa: E402
+from engine.tasks.pretrain import PretrainConfig  # noqa: E402
 
 
 class PredictError(Exception):

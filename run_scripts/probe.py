@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
 from engine.launch import launch  # noqa: E402
-from engine.probe import LinearProbeTask  # noqa: E402
+from engine.tasks.probe import LinearProbeTask  # noqa: E402
 
 TASK = LinearProbeTask
 

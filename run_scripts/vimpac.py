@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, installed or not
 
 from engine.launch import launch  # noqa: E402
-from engine.vimpac import VimpacTask  # noqa: E402
+from engine.tasks.vimpac import VimpacTask  # noqa: E402
 
 TASK = VimpacTask
 

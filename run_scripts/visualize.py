@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, i
 from datasets.video_dataset import collate_clips, model_input  # noqa: E402
 from engine.checkpoint import read_checkpoint  # noqa: E402
 from engine.launch import USER_ERRORS, entry_parser, parse_command_line, user_error  # noqa: E402
-from engine.pictures import save_reconstructions  # noqa: E402
+from engine.eval.pictures import save_reconstructions  # noqa: E402
 from engine.data import train_clips  # noqa: E402
-from engine.pretrain import PretrainTask, build_model_and_masks  # noqa: E402
+from engine.tasks.pretrain import PretrainTask, build_model_and_masks  # noqa: E402
 from models.convert import load_into_pretrain  # noqa: E402
 
 

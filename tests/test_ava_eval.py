@@ -10,13 +10,13 @@ import random
 import numpy as np
 import pytest
 
-from engine.ava_eval import dense_to_rows, format_ap_table, frame_average_precision, write_detections_csv
+from engine.eval.ava_map import dense_to_rows, format_ap_table, frame_average_precision, write_detections_csv
 
 FULL = (0.0, 0.0, 1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference: written from the definition (see engine/ava_eval.py's module doc), one row and one box at a time.
+# Reference: written from the definition (see engine/eval/ava_map.py's module doc), one row and one box at a time.
 # ----------------------------------------------------------------------------------------------------------------
 
 def reference_iou(a, b) -> float:

@@ -1,4 +1,4 @@
-"""Tests for datasets/ava_files.py: AVA box CSVs, label maps, excluded timestamps, dense proposal pickles, and
+"""Tests for datasets/ava/files.py: AVA box CSVs, label maps, excluded timestamps, dense proposal pickles, and
 load-time errors naming file:line."""
 
 import codecs
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from datasets.annotations import AnnotationError
-from datasets.ava_files import (
+from datasets.ava.files import (
     NO_ACTION,
     NO_PERSON,
     BoxTable,

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.ava_dataset import AVAClipConfig, AVAKeyframes, collate_keyframes, group_keyframes
-from datasets.ava_files import keep_label_map_actions, read_ava_csv, read_excluded_timestamps, read_label_map
-from datasets.synthetic_ava import ensure_synthetic_ava
+from datasets.ava.dataset import AVAClipConfig, AVAKeyframes, collate_keyframes, group_keyframes
+from datasets.ava.files import keep_label_map_actions, read_ava_csv, read_excluded_timestamps, read_label_map
+from datasets.synthetic.ava import ensure_synthetic_ava
 from datasets.video_dataset import DataConfig, model_input
-from engine.ava_eval import dense_to_rows, frame_average_precision
-from engine.detection import AVADataConfig, score_keyframes
+from engine.eval.ava_map import dense_to_rows, frame_average_precision
+from datasets.ava.splits import AVADataConfig
+from engine.eval.detection import score_keyframes
 from models.detection import ActionDetector, DetectorConfig, detection_loss
 from models.vit import ViTConfig
 

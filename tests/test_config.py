@@ -120,7 +120,7 @@ def test_later_override_of_the_same_key_wins_and_a_mapping_updates_a_section():
 def test_a_section_keeps_the_root_configs_own_default():
     """A root config may default a section differently from the section's class (fine-tuning's training augment is
     a 'finetune' pipeline); a recipe that sets one key of it keeps the rest of that default."""
-    from engine.finetune import FinetuneConfig
+    from engine.tasks.finetune import FinetuneConfig
 
     cfg = load_config(FinetuneConfig, {"data": {"train_augment": {"erase_prob": 0.1}}})
     assert cfg.data.train_augment.kind == "finetune" and cfg.data.train_augment.erase_prob == 0.1

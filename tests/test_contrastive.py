@@ -1,4 +1,4 @@
-"""VIMPAC's InfoNCE (engine/contrastive.py): against a direct implementation of the paper's eq. 4-5, and two gloo
+"""VIMPAC's InfoNCE (engine/tasks/vimpac.py): against a direct implementation of the paper's eq. 4-5, and two gloo
 ranks of B videos against one process of 2B (loss and gradients, with DeepSpeed's averaging of gradients)."""
 
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.contrastive import info_nce
+from engine.tasks.vimpac import info_nce
 
 VIDEOS, DIM, TEMPERATURE = 6, 5, 0.2
 
@@ -92,7 +92,7 @@ HEAD_VIDEOS = 8
 def head_and_clips():
     """VIMPAC's contrastive head (Linear + BatchNorm + ReLU, then a bias-free Linear) with global BatchNorms, and
     the two clips' inputs of every video, video-major as the task's batches hold them."""
-    from engine.contrastive import global_batch_norms
+    from engine.tasks.vimpac import global_batch_norms
     from models.vimpac import ContrastiveHead, ContrastiveHeadConfig
 
     torch.manual_seed(0)

@@ -18,9 +18,10 @@ import pytest
 
 from engine.checkpoint import complete_steps
 from engine.config import load_config
-from engine.detection import (DetectionConfig, DetectionScores, average_precision, detected_keyframes,
-                              ground_truth, rank_batches)
-from datasets.ava_files import read_excluded_timestamps, read_label_map
+from datasets.ava.splits import detected_keyframes, ground_truth
+from engine.eval.detection import DetectionScores, average_precision, rank_batches
+from engine.tasks.detection import DetectionConfig
+from datasets.ava.files import read_excluded_timestamps, read_label_map
 from test_pretrain import losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_rank_batches_cover_every_keyframe_once_without_mixing_videos():
 
 def test_an_unreadable_keyframe_is_listed_as_unscored(tmp_path):
     """A detection on a video without frames: the run goes on and names the keyframe."""
-    from datasets.synthetic_ava import SyntheticAVASpec, ensure_synthetic_ava
+    from datasets.synthetic.ava import SyntheticAVASpec, ensure_synthetic_ava
 
     data = tmp_path / "data"
     paths = ensure_synthetic_ava(data, SyntheticAVASpec(num_videos=24, num_val_videos=6))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import Failure
-from engine.evaluate import ScoreAccumulator, gather, summarize
+from engine.eval.multiview import ScoreAccumulator, gather, summarize
 
 
 def test_softmax_before_averaging_matches_hand_computation():

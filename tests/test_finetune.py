@@ -18,7 +18,7 @@ import yaml
 
 from engine.checkpoint import checkpoint_root, complete_steps, step_tag
 from engine.config import ConfigError, load_config
-from engine.finetune import FinetuneConfig, FinetuneMaskConfig
+from engine.tasks.finetune import FinetuneConfig, FinetuneMaskConfig
 from engine.optim import build_optimizer
 from models.vit import build_classifier
 from test_pretrain import losses, records, wait_for_step
@@ -32,7 +32,7 @@ SPEC = "{num_videos: 40, frames: 16, num_classes: 4}"
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """The synthetic dataset, plus a test list with one corrupt video among the real ones."""
-    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))

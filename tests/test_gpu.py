@@ -243,7 +243,7 @@ def test_the_sparse_encoder_on_cuda_matches_the_cpu():
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     ensure_synthetic_dataset(root, SyntheticSpec(num_videos=24, frames=16, num_classes=4))
@@ -256,7 +256,7 @@ def test_pinned_loading_copies_the_same_clips_to_the_gpu(data_root):
     from datasets.video_dataset import DataConfig, collate_clips
     from engine.data import train_clips
 
-    from datasets.synthetic import SyntheticSpec
+    from datasets.synthetic.motion import SyntheticSpec
 
     data = DataConfig(root=str(data_root), synthetic=SyntheticSpec(num_videos=24, frames=16, num_classes=4),
                       num_classes=4)

@@ -1,4 +1,4 @@
-"""engine.mixup: timm Mixup/CutMix on (B, C, T, H, W) clips, same cutmix box on every frame."""
+"""engine.tasks.finetune: timm Mixup/CutMix on (B, C, T, H, W) clips, same cutmix box on every frame."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 
-from engine.mixup import MixupConfig, build_mixup, classification_loss, soft_target_cross_entropy
+from engine.tasks.finetune import MixupConfig, build_mixup, classification_loss, soft_target_cross_entropy
 
 B, C, T, H, W, K = 4, 3, 5, 16, 20, 10
 SMOOTH = 0.1

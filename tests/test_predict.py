@@ -15,8 +15,8 @@ from datasets.video_dataset import DataConfig, EvalClips, collate_clips, normali
 from datasets.video_io import write_video
 from engine.checkpoint import export_weights
 from engine.config import save_config
-from engine.finetune import FinetuneConfig, FinetuneModelConfig
-from engine.pretrain import PretrainConfig
+from engine.tasks.finetune import FinetuneConfig, FinetuneModelConfig
+from engine.tasks.pretrain import PretrainConfig
 from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ViTConfig, build_classifier
 

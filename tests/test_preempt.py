@@ -14,7 +14,7 @@ from engine import preempt
 from engine.checkpoint import complete_steps
 from engine.config import ConfigError, load_config
 from engine.preempt import PREEMPTED_EXIT_CODE, PreemptionGuard, parse_signal, requeue_slurm_job
-from engine.pretrain import PretrainConfig
+from engine.tasks.pretrain import PretrainConfig
 from test_pretrain import RECIPE, ROOT, command, data_root, losses, run, wait_for_step  # noqa: F401 (data_root: a fixture)
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641")

@@ -14,7 +14,7 @@ import torch
 
 from engine.checkpoint import MARKER, checkpoint_root, complete_steps
 from engine.config import ConfigError, load_config
-from engine.pretrain import PretrainConfig
+from engine.tasks.pretrain import PretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"
@@ -22,7 +22,7 @@ RECIPE = ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")
     ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))

@@ -19,11 +19,13 @@ import torch
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import AugmentedViews, DataConfig, EvalClips, TrainClips, load_records, model_input
 from engine.config import ConfigError
-from engine.evaluate import ScoreAccumulator, summarize
-from engine.features import FeatureConfig, FeatureSplit, extract_split, shard_path
+from engine.eval.multiview import ScoreAccumulator, summarize
+from engine.eval.features import FeatureConfig, FeatureSplit, extract_split, shard_path
 from engine.optim import OptimConfig, optimizer_over
-from engine.probe import (KNN, KNNConfig, ProbeModelConfig, build_feature_encoder, choose_on_validation,
-                          head_param_groups, score_videos)
+from engine.eval.knn import KNN, KNNConfig
+from engine.eval.report import choose_on_validation
+from engine.frozen import ProbeModelConfig, build_feature_encoder
+from engine.tasks.probe import head_param_groups, score_videos
 from models.probe import DEFAULT_POOLS as POOLS  # the pooled features of an encoder without a cls token
 from models.probe import AttentiveProbeGrid, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
 from models.videomae import PretrainModelConfig, VideoMAE
@@ -421,7 +423,7 @@ def test_the_entry_point_refuses_a_checkpoint_without_an_encoder(tmp_path, data_
 
 
 def test_attentive_probes_trained_in_one_pass_are_the_probes_trained_alone():
-    from engine.attentive_probe import probe_param_groups
+    from engine.tasks.attentive_probe import probe_param_groups
 
     optim = OptimConfig(blr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, min_lr=0, warmup_lr=0)
     generator = torch.Generator().manual_seed(0)

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from engine.config import load_config
-from engine.finetune import FinetuneConfig
-from engine.pretrain import PretrainConfig
+from engine.tasks.finetune import FinetuneConfig
+from engine.tasks.pretrain import PretrainConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "run_scripts" / "configs"

@@ -137,7 +137,7 @@ def _submit(env, out: Path, data_root: Path, layout) -> str:
 @pytest.fixture(scope="module")
 def jobs(cluster, tmp_path_factory):
     """Submit the five jobs, signal two of them mid-run, wait for all; what each left behind."""
-    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
 
     base = tmp_path_factory.mktemp("jobs")
     data_root = base / "data"

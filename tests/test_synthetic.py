@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from datasets.files import partial_path
-from datasets.synthetic import (
+from datasets.synthetic.motion import (
     CLASS_NAMES,
     SyntheticSpec,
     ensure_synthetic_dataset,
@@ -164,16 +164,16 @@ def test_ensure_regenerates_partial_or_different_datasets(tmp_path):
 def test_generation_says_what_it_is_doing(tmp_path, caplog):
     """A large dataset takes a while: a start line, a line at each quarter and a closing line, through logging."""
     spec = SyntheticSpec(num_videos=12, num_classes=4, frames=8, size=32)
-    with caplog.at_level(logging.INFO, logger="datasets.synthetic"):
+    with caplog.at_level(logging.INFO, logger="datasets.synthetic.motion"):
         ensure_synthetic_dataset(tmp_path, spec, workers=1)
-    messages = [record.getMessage() for record in caplog.records if record.name == "datasets.synthetic"]
+    messages = [record.getMessage() for record in caplog.records if record.name == "datasets.synthetic.motion"]
     assert messages[0].startswith(f"generating 12 synthetic videos into {tmp_path} ...")
     assert [m.split()[0] for m in messages[1:-1]] == ["3/12", "6/12", "9/12"]
     assert messages[-1].startswith("synthetic dataset done in ")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="datasets.synthetic"):
+    with caplog.at_level(logging.INFO, logger="datasets.synthetic.motion"):
         ensure_synthetic_dataset(tmp_path, spec, workers=1)  # complete already: nothing to say
-    assert not [record for record in caplog.records if record.name == "datasets.synthetic"]
+    assert not [record for record in caplog.records if record.name == "datasets.synthetic.motion"]
 
 
 def test_cli_prints_a_summary(tmp_path):

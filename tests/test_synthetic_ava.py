@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.ava_files import (
+from datasets.ava.files import (
     filter_detections,
     keep_label_map_actions,
     read_ava_csv,
@@ -19,7 +19,7 @@ from datasets.ava_files import (
     read_label_map,
 )
 from datasets.files import partial_path
-from datasets.synthetic_ava import (
+from datasets.synthetic.ava import (
     ACTIONS,
     APPROACH,
     AVA_FIRST_SECOND,

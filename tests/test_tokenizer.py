@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.checkpoint import complete_steps
-from engine.tokenizer import load_tokenizer
+from engine.frozen import load_tokenizer
 from models.tokenizer import TokenizerConfig, VQTokenizer, code_statistics
 from test_finetune import data_root  # noqa: F401  (fixture: synthetic videos)
 from test_pretrain import kill_after_checkpoint, losses

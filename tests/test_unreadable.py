@@ -78,7 +78,7 @@ def test_other_ranks_keep_no_file(tmp_path):
 def data(tmp_path_factory):
     """13 good videos and 3 unreadable ones (truncated, random bytes, missing) as the last 3 of 16 lines: two ranks
     at one video per micro-batch split them without padding, so each bad video fails once per epoch."""
-    from datasets.synthetic import SyntheticSpec, ensure_synthetic_dataset
+    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
 
     root = tmp_path_factory.mktemp("data")
     ensure_synthetic_dataset(root, SyntheticSpec(num_videos=20, frames=16, num_classes=4))

@@ -16,7 +16,7 @@ import yaml
 
 from engine.checkpoint import complete_steps, export_weights
 from engine.config import load_config, to_dict
-from engine.tokenizer import TokenizerTrainConfig
+from engine.tasks.tokenizer import TokenizerTrainConfig
 from models.masking import MaskConfig, block_union_mask, build_mask_generator
 from models.tokenizer import TokenizerConfig, VQTokenizer
 from models.vimpac import (VIMPAC, ContrastiveHeadConfig, TokenHead, TokenViT, VimpacModelConfig, special_ids,
@@ -218,7 +218,7 @@ def test_two_clips_of_a_video_start_within_the_bound():
 
 
 def test_the_config_says_what_is_wrong(tokenizer_path):
-    from engine.vimpac import VimpacConfig
+    from engine.tasks.vimpac import VimpacConfig
 
     with pytest.raises(Exception, match="pairs two clips of each video: set batch.repeats=2"):
         load_config(VimpacConfig, None, ["batch.repeats=1"])
@@ -305,7 +305,7 @@ def test_a_vimpac_checkpoint_fine_tunes_predicts_and_is_probed(tmp_path, data_ro
     assert predicted.returncode == 0, predicted.stderr[-2000:]
     assert len([line for line in predicted.stdout.splitlines() if line.strip()]) >= 2
     # the probe's frozen encoder reads the pre-trained one: its cls feature is the encoder's [CLS] after the norm
-    from engine.tokenizer import load_trained_tokenizer
+    from engine.frozen import load_trained_tokenizer
     from models.probe import FeatureEncoder
 
     encoder = FeatureEncoder(vimpac_encoder(arch="vit_debug", num_frames=4, img_size=32), last_k=1,

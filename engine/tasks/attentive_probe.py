@@ -27,14 +27,13 @@ from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, require
-from engine.data import train_clips
+from engine.data import multiview_test_set, train_clips, validation_set
 from engine.dist import is_main_process
-from engine.evaluate import evaluate_columns
-from engine.finetune import EvalConfig, multiview_test_set, validation_set
+from engine.eval.multiview import EvalConfig, evaluate_columns
+from engine.eval.report import choose_on_validation, describe_results, result_entry, results_table
+from engine.frozen import ProbeModelConfig, build_feature_encoder
 from engine.loop import RunConfig
 from engine.optim import OptimConfig, optimizer_over, param_groups
-from engine.probe import (ProbeModelConfig, build_feature_encoder, choose_on_validation, describe_results,
-                          result_entry, results_table)
 from engine.task import Task, export_final_weights
 from models.probe import AttentiveProbeGrid, per_head_loss
 
@@ -111,7 +110,7 @@ class AttentiveProbeTask(Task):
         encoder = build_feature_encoder(cfg.model, last_k=1)
         self.model = AttentiveProbeGrid(encoder, len(cfg.grid.lrs), cfg.model.num_classes, cfg.model.num_heads)
         self.train_set = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
-        self.val_set = validation_set(cfg) if cfg.eval.every_epochs or cfg.eval.final_test else None
+        self.val_set = validation_set(cfg.data, cfg.model.encoder) if cfg.eval.every_epochs or cfg.eval.final_test else None
         self.names = [f"attentive lr={lr:g}" for lr in cfg.grid.lrs]
         self.best = -1.0
 
@@ -163,7 +162,7 @@ class AttentiveProbeTask(Task):
         if not self.cfg.eval.final_test:
             return
         val = self._score(engine, self.val_set)
-        test = self._score(engine, multiview_test_set(self.cfg))
+        test = self._score(engine, multiview_test_set(self.cfg.data, self.cfg.model.encoder))
         weights = ds.full_parameters(engine)  # a collective under ZeRO-3: every rank
         if not is_main_process():
             return

@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.annotations import VideoRecord
-from datasets.ava_files import BoxTable
+from datasets.ava.files import BoxTable
 from datasets.decode import VideoReadError, open_video
 from datasets.transforms import resize_short_side
 from datasets.video_dataset import Failure

@@ -11,7 +11,8 @@ and left out of every accuracy; it is never replaced by another video.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader
 from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import EvalClips, collate_clips, model_input
 from engine import preempt
-from engine.dist import all_gather_objects, get_rank, get_world_size, max_over_ranks, sum_over_ranks_
+from engine.dist import all_gather_objects, get_rank, get_world_size, sum_over_ranks_
+from engine.eval.lockstep import forwards_in_lockstep
 
 class ScoreAccumulator:
     """Per-video sums of softmax probabilities and per-video view counts.
@@ -68,22 +70,6 @@ class ScoreAccumulator:
             index, path, reason = failure if isinstance(failure, tuple) else (failure.index, failure.path,
                                                                               failure.reason)
             self.failures.append((int(index), str(path), str(reason)))
-
-
-def forwards_in_lockstep(batches: Iterable, count: int, run: Callable[[Any], bool], blank: Callable[[], Any],
-                         collective_forward: bool) -> None:
-    """The protocol of every evaluation split over the ranks: each rank calls ``run`` on each of its own ``count``
-    batches (a count known before any is read); ``run`` returns False for a batch it could not forward (every item
-    unreadable). With ``collective_forward`` (parameters partitioned, so that a forward gathers them from every
-    rank) every rank runs the same number of forwards: as many as the rank with the most batches, a ``blank()``
-    forward standing in wherever a rank has no batch left or could not forward one. The caller gathers the
-    results afterwards."""
-    rounds = max_over_ranks(count) if collective_forward else count
-    iterator = iter(batches)
-    for _ in range(rounds):
-        batch = next(iterator, None)
-        if not (batch is not None and run(batch)) and collective_forward:
-            blank()
 
 
 def gather(acc: ScoreAccumulator) -> ScoreAccumulator:
@@ -206,3 +192,29 @@ def _summarize_dataset(acc: ScoreAccumulator, dataset: EvalClips) -> dict:
     records = dataset.records
     return summarize(acc, [r.label for r in records], [r.path for r in records],
                      expected_views=dataset.views_per_video)
+
+
+@dataclass
+class EvalConfig:
+    # validate (one temporal view, one centre crop) every this many epochs and after the last; 0 = never
+    every_epochs: int = 5
+    # test items per rank and forward; an item is one temporal view cut into eval_augment's spatial crops
+    micro_batch: int = 4
+    # run the multi-view test (data.test_temporal_views x data.eval_augment.num_spatial_views) after training
+    final_test: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every_epochs < 0 or self.micro_batch < 1:
+            raise ValueError(f"every_epochs must be >= 0 and micro_batch >= 1, got {self.every_epochs}, "
+                             f"{self.micro_batch}")
+
+
+def describe_scores(title: str, summary: dict) -> str:
+    """A few lines for the log: accuracies, how many videos were scored, which could not be read."""
+    lines = [f"{title}: top-1 {100 * summary['top1']:.2f}  top-5 {100 * summary['top5']:.2f}  mean class "
+             f"{100 * summary['mean_class_accuracy']:.2f}  ({summary['num_scored']} of {summary['num_videos']} "
+             "videos scored)"]
+    lines += [f"  unreadable: {path}: {reason}" for path, reason in summary["unscored"]]
+    lines += [f"  partly scored ({views} views): {path}: {reason}" for path, views, reason in
+              summary["partially_scored"]]
+    return "\n".join(lines)

@@ -19,8 +19,8 @@ import torch
 
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, TrainClips, model_input
-from engine import checkpoint, ds
-from engine.config import BatchConfig, ConfigError, load_config, require
+from engine import ds
+from engine.config import BatchConfig, require
 from engine.data import read_split
 from engine.dist import is_main_process, sum_over_ranks_
 from engine.loop import RunConfig
@@ -180,23 +180,3 @@ class TokenizerTask(Task):
     def finish(self, engine, output_dir: str) -> None:
         """The weights and the codebook (a persistent buffer) in weights.pt."""
         export_final_weights(engine, Path(output_dir))
-
-
-def load_tokenizer(cfg: TokenizerConfig, path: str) -> VQTokenizer:
-    """A trained tokenizer from its export, frozen (eval mode, no gradients)."""
-    model = VQTokenizer(cfg)
-    try:
-        model.load_state_dict(checkpoint.load_weights(path))
-    except RuntimeError as err:
-        raise ConfigError(f"{path} does not hold a tokenizer of {cfg}: {' '.join(str(err).split())}") from None
-    return model.eval().requires_grad_(False)
-
-
-def load_trained_tokenizer(path: str, setting: str = "model.target.tokenizer") -> VQTokenizer:
-    """The tokenizer a ``run_scripts/tokenizer.py`` run exported to ``path`` (its weights.pt), built with the
-    architecture of the run's config.yaml beside it, frozen. ``setting``: the config key that gave ``path``."""
-    config = Path(path).parent / "config.yaml"
-    if not Path(path).is_file() or not config.is_file():
-        raise ConfigError(f"{setting}={path}: expected the weights.pt of a run_scripts/tokenizer.py run, with "
-                          f"its config.yaml beside it")
-    return load_tokenizer(load_config(TokenizerTrainConfig, str(config)).model, path)

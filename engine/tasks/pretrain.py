@@ -17,12 +17,12 @@ from datasets.video_dataset import DataConfig, collate_clips, model_input
 from engine import ds
 from engine.config import BatchConfig
 from engine.data import train_clips
-from engine.knn_monitor import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
+from engine.eval.knn import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
 from engine.dist import is_main_process
 from engine.loop import RunConfig
 from engine.metrics import read_metrics
 from engine.optim import OptimConfig
-from engine.pictures import reconstruction_from_prediction, save_loss_curve
+from engine.eval.pictures import reconstruction_from_prediction, save_loss_curve
 from engine.task import Task, export_final_weights
 from models.masking import MaskConfig, build_mask_generator
 from models.videomae import PretrainModelConfig, VideoMAE
@@ -46,7 +46,7 @@ def build_model_and_masks(cfg: PretrainConfig):
     """The pre-training model and the mask generator for its token grid."""
     tokenizer = None
     if cfg.model.target.kind == "tokens":
-        from engine.tokenizer import load_trained_tokenizer
+        from engine.frozen import load_trained_tokenizer
 
         tokenizer = load_trained_tokenizer(cfg.model.target.tokenizer)
         log.info("token targets: the frozen tokenizer of %s (%d codes, %d-pixel cells)", cfg.model.target.tokenizer,

@@ -10,30 +10,137 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 
 from datasets.files import write_text_atomic
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, EvalClips, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig
-from engine.data import read_split, train_clips
+from engine.data import multiview_test_set, train_clips, validation_set
 from engine.dist import is_main_process
-from engine.evaluate import evaluate_clips
+from engine.eval.multiview import EvalConfig, describe_scores, evaluate_clips
+from engine.frozen import load_trained_tokenizer
 from engine.loop import RunConfig
-from engine.mixup import MixupConfig, build_mixup, classification_loss
 from engine.optim import OptimConfig
 from engine.task import Task, export_final_weights
-from engine.tokenizer import load_trained_tokenizer
 from models.convert import load_into_classifier
 from models.masking import MaskConfig, build_mask_generator
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
 
 log = logging.getLogger("finetune")
+
+
+# ---- mixup / cutmix / label smoothing -------------------------------------------------------------------------
+# Delegated to ``timm.data.Mixup``.
+#
+# Clips are ``(B, C, T, H, W)`` float tensors. timm's ``Mixup`` is written for ``(B, C, H, W)``
+# images: its cutmix box is drawn from ``shape[-2:]`` and pasted with ``x[:, :, yl:yh, xl:xh]``
+# ('batch' mode) or ``x[i][:, yl:yh, xl:xh]`` ('elem'/'pair'), i.e. it only ever slices the last
+# two dims, and its mixup is a plain blend ``lam * x + (1 - lam) * x.flip(0)``. So we hand timm
+# the clip viewed as ``(B, C*T, H, W)``: every (channel, frame) plane gets the *same* box, and
+# mixup/cutmix/label-smoothing semantics are exactly timm's (lambda sampling, switch_prob,
+# ``correct_lam`` box-area correction, ``mixup_target``). Nothing of timm is reimplemented.
+#
+# Default mode is timm's ``'batch'``: one lambda and one box per call, sample ``i`` mixed with
+# sample ``B-1-i`` (``flip(0)``). timm asserts an even batch in every mode; we raise a clear
+# ``ValueError`` instead. The batch here is what the model sees per micro-step
+# (``batch.micro_batch x batch.repeats`` clips). Note that with repeated augmentation a clip may
+# be paired with another view of the same video (e.g. ``micro_batch=1, repeats=2``), which makes
+# the mix a no-op on labels; that is a recipe choice, not checked here.
+#
+# Like timm, the mix is done in place: the input tensor may be overwritten (it is, when it is
+# contiguous); use the returned tensor.
+
+
+MixupFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass
+class MixupConfig:
+    mixup_alpha: float = 0.8  # Beta(a, a) for mixup lambda; 0 disables mixup
+    cutmix_alpha: float = 1.0  # Beta(a, a) for cutmix lambda; 0 disables cutmix
+    prob: float = 1.0  # probability of mixing a batch at all (else lam=1, targets only smoothed)
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are enabled
+    mode: str = "batch"  # timm mode: 'batch' (one lam/box per batch), 'pair' or 'elem'
+    label_smoothing: float = 0.1  # off classes get label_smoothing / num_classes
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha/cutmix_alpha must be >= 0, got {self.mixup_alpha}/{self.cutmix_alpha}")
+        if not 0.0 <= self.prob <= 1.0 or not 0.0 <= self.switch_prob <= 1.0:
+            raise ValueError(f"prob/switch_prob must be in [0, 1], got {self.prob}/{self.switch_prob}")
+        if self.mode not in ("batch", "pair", "elem"):
+            raise ValueError(f"mode must be 'batch', 'pair' or 'elem', got {self.mode!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether clips are mixed at all (mixup_alpha > 0 or cutmix_alpha > 0)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+
+def build_mixup(cfg: MixupConfig, num_classes: int) -> Optional[MixupFn]:
+    """``(video (B,C,T,H,W), labels (B,) int) -> (mixed video (B,C,T,H,W), soft targets (B,num_classes))``.
+
+    Returns None when ``cfg.enabled`` is False (train with hard labels and
+    ``classification_loss(..., label_smoothing)`` then).
+    """
+    if not cfg.enabled:
+        return None
+    mixer = Mixup(
+        mixup_alpha=cfg.mixup_alpha,
+        cutmix_alpha=cfg.cutmix_alpha,
+        prob=cfg.prob,
+        switch_prob=cfg.switch_prob,
+        mode=cfg.mode,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+    def mix(video: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if video.ndim != 5:
+            raise ValueError(f"expected a clip batch (B, C, T, H, W), got shape {tuple(video.shape)}")
+        b, c, t, h, w = video.shape
+        if b % 2 != 0:
+            raise ValueError(
+                f"mixup/cutmix needs an even number of clips per micro-step, got {b}; "
+                "choose batch.micro_batch (x batch.repeats) even or disable mixup/cutmix"
+            )
+        if labels.shape != (b,):
+            raise ValueError(f"labels must be (B,) class ids with B={b}, got shape {tuple(labels.shape)}")
+        planes = video.reshape(b, c * t, h, w)  # a view when contiguous: timm mixes it in place
+        planes, targets = mixer(planes, labels)
+        return planes.view(b, c, t, h, w), targets
+
+    mix.mixer = mixer  # the underlying timm object (for inspection / tests)
+    return mix
+
+
+_soft_ce = SoftTargetCrossEntropy()
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``-sum(targets * log_softmax(logits))`` (timm's SoftTargetCrossEntropy)."""
+    return _soft_ce(logits, targets)
+
+
+def classification_loss(logits: torch.Tensor, labels_or_soft_targets: torch.Tensor,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
+    """Soft targets (B, K) float -> SoftTargetCrossEntropy (smoothing is already in them);
+    hard labels (B,) int -> ``F.cross_entropy(label_smoothing=label_smoothing)``."""
+    y = labels_or_soft_targets
+    if y.ndim == logits.ndim and y.is_floating_point():
+        return soft_target_cross_entropy(logits, y)
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
 
 
 @dataclass
@@ -73,21 +180,6 @@ class EmaConfig:
     def __post_init__(self) -> None:
         if self.decay is not None and not 0 < self.decay < 1:
             raise ValueError(f"decay must be in (0, 1) or null, got {self.decay}")
-
-
-@dataclass
-class EvalConfig:
-    # validate (one temporal view, one centre crop) every this many epochs and after the last; 0 = never
-    every_epochs: int = 5
-    # test items per rank and forward; an item is one temporal view cut into eval_augment's spatial crops
-    micro_batch: int = 4
-    # run the multi-view test (data.test_temporal_views x data.eval_augment.num_spatial_views) after training
-    final_test: bool = True
-
-    def __post_init__(self) -> None:
-        if self.every_epochs < 0 or self.micro_batch < 1:
-            raise ValueError(f"every_epochs must be >= 0 and micro_batch >= 1, got {self.every_epochs}, "
-                             f"{self.micro_batch}")
 
 
 def _finetune_augment() -> AugmentConfig:
@@ -159,37 +251,12 @@ def load_trained_model(cfg: FinetuneModelConfig, path: str):
     return model
 
 
-def multiview_test_set(cfg: FinetuneConfig) -> EvalClips:
-    """The multi-view test set (``data.test_temporal_views`` × ``data.eval_augment.num_spatial_views``)."""
-    encoder = cfg.model.encoder
-    return EvalClips(read_split(cfg.data, "test"), cfg.data, clip_len=encoder.num_frames, size=encoder.img_size)
-
-
-def validation_set(cfg: FinetuneConfig) -> EvalClips:
-    """The validation set: one temporal view and one centre crop per video, deterministic."""
-    data = replace(cfg.data, eval_augment=replace(cfg.data.eval_augment, num_spatial_views=1))
-    encoder = cfg.model.encoder
-    return EvalClips(read_split(cfg.data, "val"), data, clip_len=encoder.num_frames, size=encoder.img_size,
-                     temporal_views=1)
-
-
 def score(cfg: FinetuneConfig, forward, dataset: EvalClips, device: torch.device, dtype: torch.dtype,
           collective_forward: bool = False) -> dict:
-    """``engine.evaluate.evaluate_clips`` with this run's batch, workers and normalization."""
+    """``engine.eval.multiview.evaluate_clips`` with this run's batch, workers and normalization."""
     return evaluate_clips(forward, dataset, num_classes=cfg.model.num_classes, micro_batch=cfg.eval.micro_batch,
                           num_workers=cfg.batch.num_workers, device=device, dtype=dtype,
                           collective_forward=collective_forward)
-
-
-def describe_scores(title: str, summary: dict) -> str:
-    """A few lines for the log: accuracies, how many videos were scored, which could not be read."""
-    lines = [f"{title}: top-1 {100 * summary['top1']:.2f}  top-5 {100 * summary['top5']:.2f}  mean class "
-             f"{100 * summary['mean_class_accuracy']:.2f}  ({summary['num_scored']} of {summary['num_videos']} "
-             "videos scored)"]
-    lines += [f"  unreadable: {path}: {reason}" for path, reason in summary["unscored"]]
-    lines += [f"  partly scored ({views} views): {path}: {reason}" for path, views, reason in
-              summary["partially_scored"]]
-    return "\n".join(lines)
 
 
 def write_json(path: Path, data) -> None:
@@ -220,7 +287,7 @@ class FinetuneTask(Task):
 
             # float32 whatever the engine's precision: a 0.9999 average vanishes in bf16 steps.
             self.ema = ModelEmaV3(self.model, decay=cfg.ema.decay, dtype=torch.float32)
-        self.val_set = validation_set(cfg) if cfg.eval.every_epochs else None
+        self.val_set = validation_set(cfg.data, cfg.model.encoder) if cfg.eval.every_epochs else None
         self.step = 0  # optimizer steps taken: the position of the mask-ratio schedule
         self.best: dict[str, float] = {}  # variant -> best validation top-1 so far
         self._masks: dict[int, object] = {}  # hidden-token count -> mask generator
@@ -334,7 +401,7 @@ class FinetuneTask(Task):
                 checkpoint.export_weights(ema_weights, out / EXPORTS["ema"][0])
         if not self.cfg.eval.final_test:
             return
-        results = self._score_all(engine, multiview_test_set(self.cfg))
+        results = self._score_all(engine, multiview_test_set(self.cfg.data, self.cfg.model.encoder))
         views = f"{self.cfg.data.test_temporal_views}x{self.cfg.data.eval_augment.num_spatial_views} views"
         for name, summary in results.items():
             log.info("%s", describe_scores(f"test, {views} ({name})", summary))
@@ -347,4 +414,4 @@ def evaluate_weights(cfg: FinetuneConfig, path: str, device: torch.device) -> di
     """The multi-view test of fine-tuned weights, without training (``finetune.py --eval-only``); every rank
     calls it, each scoring its share."""
     model = load_trained_model(cfg.model, path).to(device).eval()
-    return score(cfg, model, multiview_test_set(cfg), device, torch.float32)
+    return score(cfg, model, multiview_test_set(cfg.data, cfg.model.encoder), device, torch.float32)

@@ -1,7 +1,7 @@
 """Frozen-encoder evaluation: a grid of linear probes and k-NN on cached features (``LinearProbeTask``), and
 V-JEPA's attentive probe on every token (``AttentiveProbeTask``), both trained by ``engine.loop``.
 
-A linear probe run extracts the frozen encoder's pooled features once (``engine.features``: augmented views of
+A linear probe run extracts the frozen encoder's pooled features once (``engine.eval.features``: augmented views of
 every training video, the validation clip and the multi-view test clips of every video), trains every head of
 ``grid`` (pooled feature x learning rate x weight decay) in one pass over the cached training features, and at
 the end scores each head and each k-NN setting on validation and on the multi-view test. The head (and the k-NN
@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from datasets.files import write_text_atomic
@@ -31,35 +30,22 @@ from datasets.transforms import AugmentConfig
 from datasets.video_dataset import AugmentedViews, DataConfig, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, ConfigError, require, to_dict
-from engine.data import train_clips
+from engine.data import multiview_test_set, train_clips, validation_set
 from engine.dist import is_main_process
-from engine.evaluate import mean_class_accuracy, topk_correct
-from engine.features import FeatureConfig, FeatureSplit, extract_split
-from engine.finetune import multiview_test_set, validation_set
+from engine.eval.features import FeatureConfig, FeatureSplit, extract_split
+from engine.eval.knn import KNN, KNNConfig
+from engine.eval.multiview import mean_class_accuracy, topk_correct
+from engine.eval.report import choose_on_validation, describe_results, result_entry, results_table
+from engine.frozen import ProbeModelConfig, build_feature_encoder
 from engine.loop import RunConfig
 from engine.optim import OptimConfig, optimizer_over
 from engine.task import Task, export_final_weights
-from engine.tokenizer import load_trained_tokenizer
-from models.convert import unwrap_state_dict
-from models.probe import POOLS, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
-from models.vit import ViTConfig
+from models.probe import POOLS, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
 
 log = logging.getLogger("probe")
 
 
 # ---- configuration ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ProbeModelConfig:
-    encoder: ViTConfig = field(default_factory=ViTConfig)  # the frozen encoder: its geometry must be the checkpoint's
-    num_classes: int = 400  # classes of the probes
-    # the encoder's weights: our pre-training export or step directory, a fine-tuned checkpoint, an official
-    # VideoMAE / V2 release or a Hugging Face VideoMAE checkpoint; "" = the encoder at random initialisation
-    # (a baseline: what the probe reads out of the architecture alone)
-    init: str = ""
-    # an encoder over tokenizer codes (VIMPAC): the weights.pt of the tokenizer it was pre-trained on; "" = pixels
-    tokenizer: str = ""
 
 
 @dataclass
@@ -78,20 +64,6 @@ class GridConfig:
                 f"weight_decays must be numbers >= 0, got {self.weight_decays}")
         unknown = [p for p in self.pools if p not in POOLS]
         require(not unknown, f"unknown pools {unknown}; valid: {', '.join(POOLS)}")
-
-
-@dataclass
-class KNNConfig:
-    # score k-NN on the cached features (cosine similarity, votes weighted by exp(similarity / temperature))
-    enabled: bool = True
-    # neighbours counted; each k is one setting of the table, chosen on validation like the heads
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100])
-    # temperature of the vote weights (DINO, VIMPAC: 0.07)
-    temperature: float = 0.07
-
-    def __post_init__(self) -> None:
-        require(bool(self.ks) and all(k >= 1 for k in self.ks), f"ks must be integers >= 1, got {self.ks}")
-        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -156,33 +128,6 @@ class LinearProbeConfig:
 # ---- the frozen encoder ----------------------------------------------------------------------------------------
 
 
-_ENCODER_KEYS = ("patch_embed.proj.weight", "videomae.embeddings.patch_embeddings.projection.weight",
-                 "token_embed.weight")
-
-
-def build_feature_encoder(model: ProbeModelConfig, last_k: int) -> FeatureEncoder:
-    """The frozen encoder with the weights of ``model.init`` (eval mode, no gradients), or at random initialisation
-    when it is empty. A checkpoint holding no encoder, or one of another geometry, is the user's mistake."""
-    tokenizer = load_trained_tokenizer(model.tokenizer, "model.tokenizer") if model.tokenizer else None
-    encoder = FeatureEncoder(model.encoder, last_k, tokenizer)
-    if model.init:
-        weights = unwrap_state_dict(checkpoint.read_checkpoint(model.init))
-        if not any(key.endswith(_ENCODER_KEYS) for key in weights):
-            shown = ", ".join(sorted(weights)[:6]) + (", ..." if len(weights) > 6 else "")
-            raise ConfigError(f"{model.init} holds no video ViT encoder (no patch embedding among its "
-                              f"{len(weights)} tensors: {shown})")
-        try:
-            report = encoder.load(weights)
-        except (ValueError, KeyError) as err:
-            raise ConfigError(f"{model.init} does not fit model.encoder ({model.encoder.arch}, "
-                              f"{model.encoder.num_frames}x{model.encoder.img_size}², patch "
-                              f"{model.encoder.tubelet_size}x{model.encoder.patch_size}²): {err}") from None
-        log.info("frozen encoder from %s: %s", model.init, report)
-    else:
-        log.warning("model.init is empty: probing the encoder at random initialisation")
-    return encoder.eval().requires_grad_(False)
-
-
 def _checkpoint_identity(path: str) -> dict:
     """What says the encoder's weights are the ones the cached features came from (path, size, time)."""
     if not path:
@@ -205,7 +150,7 @@ def cache_features(cfg: LinearProbeConfig, device: torch.device) -> dict[str, Fe
             "data": to_dict(cfg.data)}
     splits = {"train": AugmentedViews(train_clips(cfg.data, cfg.model.encoder, 1, cfg.run.seed),
                                       cfg.features.train_views),
-              "val": validation_set(cfg), "test": multiview_test_set(cfg)}
+              "val": validation_set(cfg.data, cfg.model.encoder), "test": multiview_test_set(cfg.data, cfg.model.encoder)}
     out = {}
     for name, dataset in splits.items():
         spec = {**base, "split": name, "items": len(dataset), "clips_per_item": dataset.clips_per_item}
@@ -291,7 +236,7 @@ def score_videos(split: FeatureSplit, probabilities: Callable[[np.ndarray], torc
 
     ``probabilities(features (n, pools, D))`` → (n, num_columns, C): each column is one classifier (a head, a k-NN
     setting). A video's prediction is the mean of its views' probabilities (the multi-view test); a video with no
-    readable view is unscored, as in ``engine.evaluate``. Returns one summary per column (top1, top5, mean class
+    readable view is unscored, as in ``engine.eval.multiview``. Returns one summary per column (top1, top5, mean class
     accuracy, videos scored, unscored). The rows of a video are consecutive (item order), so videos are scored a
     chunk at a time without holding every video's probabilities."""
     records = split.records
@@ -332,92 +277,12 @@ def score_videos(split: FeatureSplit, probabilities: Callable[[np.ndarray], torc
              "num_scored": scored, "unscored": unscored, "partially_scored": partial} for j in range(num_columns)]
 
 
-def knn_probabilities(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks: list[int],
-                      temperature: float, num_classes: int) -> list[torch.Tensor]:
-    """Weighted k-NN votes, one (n, num_classes) tensor of class probabilities per k: the cosine similarities of
-    the queries (n, D) to the bank (N, D) (both L2-normalized), the top k voting for their labels with weights
-    exp(similarity / temperature), normalized to sum to 1 (DINO's and VIMPAC's monitor)."""
-    k_max = min(max(ks), bank.shape[0])
-    # queries a few at a time: the similarities to a bank of a million clips are 4 MB per query
-    step = max(1, 2**28 // bank.shape[0])
-    parts = [(q.to(bank.dtype) @ bank.T).float().topk(k_max, dim=1) for q in queries.split(step)]
-    similarity, index = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])  # (n, k_max)
-    weights = (similarity.double() / temperature).exp()
-    votes_of = bank_labels[index]
-    out = []
-    for k in ks:
-        k = min(k, k_max)
-        votes = torch.zeros(len(queries), num_classes, device=queries.device, dtype=torch.float64)
-        votes.scatter_add_(1, votes_of[:, :k], weights[:, :k])
-        out.append(votes / votes.sum(dim=1, keepdim=True))
-    return out
-
-
-class KNN:
-    """k-NN over the cached training features (every view of every readable clip is in the bank): one column per
-    (pooled feature, k), as ``knn_probabilities`` scores it."""
-
-    def __init__(self, train: FeatureSplit, pools: list[str], cfg: KNNConfig, num_classes: int,
-                 device: torch.device):
-        self.names = [f"{pool} k={k}" for pool in pools for k in cfg.ks]
-        self.specs = [(pool, k) for pool in pools for k in cfg.ks]
-        self.ks, self.temperature, self.num_classes = list(cfg.ks), cfg.temperature, num_classes
-        # float16 on a GPU (a million clips x 3 features x 1280 wide fits), float32 on the CPU (no fast fp16 there)
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        chunks = [F.normalize(torch.from_numpy(chunk).to(device), dim=-1).to(dtype) for _, chunk in train.chunks()]
-        self.bank = torch.cat(chunks).transpose(0, 1).contiguous()  # (P, N, D), L2-normalized
-        self.labels = torch.from_numpy(train.label[train.valid]).to(device)
-
-    def __call__(self, features: np.ndarray) -> torch.Tensor:
-        queries = F.normalize(torch.from_numpy(features).to(self.bank.device), dim=-1)
-        columns = []
-        for p in range(self.bank.shape[0]):
-            columns += knn_probabilities(self.bank[p], self.labels, queries[:, p], self.ks, self.temperature,
-                                         self.num_classes)
-        return torch.stack(columns, dim=1)
-
-
 def head_probabilities(model: LinearHeadGrid, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
     @torch.no_grad()
     def probabilities(features: np.ndarray) -> torch.Tensor:
         return model(torch.from_numpy(features).to(device)).float().softmax(dim=-1)
 
     return probabilities
-
-
-def choose_on_validation(val: list[dict]) -> int:
-    """The column with the best validation top-1 (the first of equals): the test never chooses."""
-    return max(range(len(val)), key=lambda j: (val[j]["top1"], -j))
-
-
-def result_entry(name: str, val: dict, test: dict, **extra) -> dict:
-    def short(summary: dict) -> dict:
-        return {k: summary[k] for k in ("top1", "top5", "mean_class_accuracy", "num_scored", "num_videos")}
-
-    return {"name": name, **extra, "val": short(val), "test": short(test)}
-
-
-# The methods a probe run reports, as probe_results.json names them, and their titles in probe_results.md.
-METHODS = {"linear": "Linear heads", "knn": "k-NN", "attentive": "Attentive probes"}
-
-
-def results_table(results: dict) -> str:
-    """probe_results.md: one table per method, rows by validation top-1, the chosen row marked."""
-    lines = [f"# Frozen-encoder probes of {results['encoder'] or 'a randomly initialised encoder'}", ""]
-    for method, title in METHODS.items():
-        if method not in results:
-            continue
-        block = results[method]
-        lines += [f"## {title} (chosen on validation: {block['chosen']['name']})", "",
-                  "| | setting | val top-1 | val top-5 | test top-1 | test top-5 |", "|---|---|---:|---:|---:|---:|"]
-        rows = sorted(block["all"], key=lambda e: -e["val"]["top1"])
-        for entry in rows:
-            mark = "**chosen**" if entry["name"] == block["chosen"]["name"] else ""
-            lines.append(f"| {mark} | {entry['name']} | {100 * entry['val']['top1']:.2f} | "
-                         f"{100 * entry['val']['top5']:.2f} | {100 * entry['test']['top1']:.2f} | "
-                         f"{100 * entry['test']['top5']:.2f} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 # ---- the task --------------------------------------------------------------------------------------------------
@@ -516,18 +381,6 @@ class LinearProbeTask(Task):
         write_text_atomic(out / "probe_results.md", results_table(results) + "\n")
         log.info("%s", describe_results(results))
         log.info("wrote %s, %s and %s", out / "probe_results.json", out / "probe_results.md", out / "best_head.pt")
-
-
-def describe_results(results: dict) -> str:
-    """One log line per method: the setting chosen on validation and its scores."""
-    lines = []
-    for method in METHODS:
-        if method in results:
-            chosen = results[method]["chosen"]
-            lines.append(f"{method}: chosen on validation {chosen['name']}: val top-1 {100 * chosen['val']['top1']:.2f}"
-                         f", test top-1 {100 * chosen['test']['top1']:.2f} top-5 {100 * chosen['test']['top5']:.2f}"
-                         f" ({chosen['test']['num_scored']} of {chosen['test']['num_videos']} test videos)")
-    return "\n".join(lines)
 
 
 def _local_device() -> torch.device:

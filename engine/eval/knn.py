@@ -1,6 +1,8 @@
-"""A k-NN accuracy of the encoder during pre-training: the quick monitor VIMPAC used, on a small labelled list.
+"""k-NN classification of frozen features: the weighted vote (``knn_probabilities``), its grid over cached probe
+features (``KNN``), and the accuracy monitor of pre-training (``KNNMonitor``), the quick one VIMPAC used on a small
+labelled list.
 
-Every ``every_epochs`` epochs the encoder (in eval mode, no gradients) reads one centre clip of every video of a
+Monitor: every ``every_epochs`` epochs the encoder (in eval mode, no gradients) reads one centre clip of every video of a
 labelled bank list and of a query list; each query takes the class vote of its k nearest bank clips (cosine
 similarity of the mean of the encoder's final-norm tokens, votes weighted by exp(similarity / temperature)). The
 top-1 accuracy is logged with the epoch's metrics (``eval/knn_top1``). Videos that cannot be read are left out and
@@ -13,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +27,8 @@ from engine import ds
 from engine.config import require
 from engine.data import read_split
 from engine.dist import all_gather_objects, get_rank, get_world_size
-from engine.evaluate import forwards_in_lockstep
+from engine.eval.features import FeatureSplit
+from engine.eval.lockstep import forwards_in_lockstep
 from models.vit import ViTConfig
 
 log = logging.getLogger("knn")
@@ -109,8 +113,6 @@ class KNNMonitor:
                  num_classes: Optional[int] = None) -> dict:
         """``{"knn_top1", "knn_unreadable"}`` of ``encoder`` (a ViT whose ``forward_features`` gives the final-norm
         tokens); call on every rank, in eval mode."""
-        from engine.probe import knn_probabilities
-
         bank_set, query_set = self._clips()
         bank, bank_labels, bank_failed = self._features(encoder, bank_set, device, dtype)
         queries, labels, query_failed = self._features(encoder, query_set, device, dtype)
@@ -134,3 +136,62 @@ def monitor_after_epoch(monitor: Optional[KNNMonitor], engine, epoch: int) -> Op
         engine.train()
     log.info("epoch %d k-NN (k=%d) top-1 %.2f", epoch, monitor.cfg.k, 100 * result["knn_top1"])
     return result
+
+
+@dataclass
+class KNNConfig:
+    # score k-NN on the cached features (cosine similarity, votes weighted by exp(similarity / temperature))
+    enabled: bool = True
+    # neighbours counted; each k is one setting of the table, chosen on validation like the heads
+    ks: list[int] = field(default_factory=lambda: [10, 20, 100])
+    # temperature of the vote weights (DINO, VIMPAC: 0.07)
+    temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        require(bool(self.ks) and all(k >= 1 for k in self.ks), f"ks must be integers >= 1, got {self.ks}")
+        require(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+
+
+def knn_probabilities(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, ks: list[int],
+                      temperature: float, num_classes: int) -> list[torch.Tensor]:
+    """Weighted k-NN votes, one (n, num_classes) tensor of class probabilities per k: the cosine similarities of
+    the queries (n, D) to the bank (N, D) (both L2-normalized), the top k voting for their labels with weights
+    exp(similarity / temperature), normalized to sum to 1 (DINO's and VIMPAC's monitor)."""
+    k_max = min(max(ks), bank.shape[0])
+    # queries a few at a time: the similarities to a bank of a million clips are 4 MB per query
+    step = max(1, 2**28 // bank.shape[0])
+    parts = [(q.to(bank.dtype) @ bank.T).float().topk(k_max, dim=1) for q in queries.split(step)]
+    similarity, index = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])  # (n, k_max)
+    weights = (similarity.double() / temperature).exp()
+    votes_of = bank_labels[index]
+    out = []
+    for k in ks:
+        k = min(k, k_max)
+        votes = torch.zeros(len(queries), num_classes, device=queries.device, dtype=torch.float64)
+        votes.scatter_add_(1, votes_of[:, :k], weights[:, :k])
+        out.append(votes / votes.sum(dim=1, keepdim=True))
+    return out
+
+
+class KNN:
+    """k-NN over the cached training features (every view of every readable clip is in the bank): one column per
+    (pooled feature, k), as ``knn_probabilities`` scores it."""
+
+    def __init__(self, train: FeatureSplit, pools: list[str], cfg: KNNConfig, num_classes: int,
+                 device: torch.device):
+        self.names = [f"{pool} k={k}" for pool in pools for k in cfg.ks]
+        self.specs = [(pool, k) for pool in pools for k in cfg.ks]
+        self.ks, self.temperature, self.num_classes = list(cfg.ks), cfg.temperature, num_classes
+        # float16 on a GPU (a million clips x 3 features x 1280 wide fits), float32 on the CPU (no fast fp16 there)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        chunks = [F.normalize(torch.from_numpy(chunk).to(device), dim=-1).to(dtype) for _, chunk in train.chunks()]
+        self.bank = torch.cat(chunks).transpose(0, 1).contiguous()  # (P, N, D), L2-normalized
+        self.labels = torch.from_numpy(train.label[train.valid]).to(device)
+
+    def __call__(self, features: np.ndarray) -> torch.Tensor:
+        queries = F.normalize(torch.from_numpy(features).to(self.bank.device), dim=-1)
+        columns = []
+        for p in range(self.bank.shape[0]):
+            columns += knn_probabilities(self.bank[p], self.labels, queries[:, p], self.ks, self.temperature,
+                                         self.num_classes)
+        return torch.stack(columns, dim=1)

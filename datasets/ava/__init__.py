@@ -1,0 +1,2 @@
+"""AVA: the csv / pbtxt / detections readers (``files``), the keyframe dataset (``dataset``) and the splits a run
+reads (``splits``)."""
