@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as torch_dist
 
 from engine import dist
 from engine.config import BatchConfig, Derived
@@ -289,7 +288,7 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
         # (tests/test_optim.py: training and exact resume under ZeRO-2). A copy: the caller's config stays as built.
         ds_config = {**ds_config, "zero_allow_untested_optimizer": True}
     dist.init_distributed(require_group=True)
-    world = torch_dist.get_world_size()
+    world = dist.get_world_size()
     micro = ds_config.get("train_micro_batch_size_per_gpu")
     accum = ds_config.get("gradient_accumulation_steps")
     total = ds_config.get("train_batch_size")

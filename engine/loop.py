@@ -9,6 +9,7 @@ with exact resume, metrics, the non-finite-loss stop, and micro-batches whose vi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -151,10 +152,29 @@ def train(task: Task, info: DistInfo) -> TrainState:
     """Run (or resume, or report complete) the training of ``task``: its config ``task.cfg`` (a root config with
     ``batch``, ``optim``, ``run`` and ``ds`` sections) and the values derived from it, ``task.derived``."""
     cfg, derived = task.cfg, task.derived
-    out = cfg.run.output_dir
     if info.is_main:
-        save_config(cfg, out, derived)
-    ds_config = ds.build_ds_config(cfg.ds, cfg.batch, derived, cfg.optim.clip_grad)
+        save_config(cfg, cfg.run.output_dir, derived)
+    run = _Training(task, info)
+    state = run.resume()
+    if state.step >= derived.total_steps:
+        log.info("the run in %s is complete (%d steps)", run.out, state.step)
+        if _finished_step(run.out) != state.step:  # a run killed after its last checkpoint, before its exports
+            _finish(task, run.engine, run.out, state.step, info)
+        return state
+    log.info("training from step %d to %d (%d per epoch, epoch %d)", state.step, derived.total_steps,
+             derived.steps_per_epoch, state.epoch)
+    with run.policies(state):
+        while state.step < derived.total_steps:
+            run.train_epoch(state)
+            run.end_epoch(state)
+    _finish(task, run.engine, run.out, state.step, info)
+    return state
+
+
+def _build_engine(task: Task):
+    """The DeepSpeed engine of the task's model and optimizer, under the config's ZeRO stage and precision."""
+    cfg = task.cfg
+    ds_config = ds.build_ds_config(cfg.ds, cfg.batch, task.derived, cfg.optim.clip_grad)
     optimizer = task.build_optimizer()
     log.info("parameter groups:\n%s", describe_groups(optimizer.param_groups))
     if ds.offloads_optimizer(ds_config):
@@ -162,91 +182,129 @@ def train(task: Task, info: DistInfo) -> TrainState:
     engine = ds.initialize(task.model, optimizer, ds_config)
     if cfg.run.compile:
         engine.compile()  # parameter names stay those of the bare module: checkpoints are unaffected
-    schedules = Schedules.from_config(cfg.optim, derived)
-    device = engine.device
-    _seed_streams(cfg.run.seed * 1000 + info.rank)  # drop path etc.: a stream of its own on every rank
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed * 1000 + info.rank)  # masks
-    sampler = ResumableDistributedSampler(len(task.train_set), info.world_size, info.rank, seed=cfg.run.seed)
+    return engine
 
-    state = _resume(engine, out, sampler, generator, task)
-    if state.step >= derived.total_steps:
-        log.info("the run in %s is complete (%d steps)", out, state.step)
-        if _finished_step(out) != state.step:  # a run killed after its last checkpoint, before its exports
-            _finish(task, engine, out, state.step, info)
-        return state
-    log.info("training from step %d to %d (%d per epoch, epoch %d)", state.step, derived.total_steps,
-             derived.steps_per_epoch, state.epoch)
 
-    guard = preempt.install(cfg.run.requeue_signal, cfg.run.stop_signal)
-    metrics = MetricsWriter(out, enabled=info.is_main)
-    throughput = Throughput()
-    unreadable = UnreadableLog(out, info.is_main)
-    flops = task.train_flops_per_clip()
-    micro_per_epoch = derived.steps_per_epoch * cfg.batch.grad_accum
-    loss = None  # a resume at the very end of an epoch trains no micro-step before that epoch's save
-    shown = None  # the loss of this step's last micro-batch that had clips: what the metrics record shows
-    progress = ProgressLine(state.step, derived.total_steps) if info.is_main and sys.stderr.isatty() else None
-    try:
-        while state.step < derived.total_steps:
-            sampler.set_epoch(state.epoch)
-            task.train_set.set_epoch(state.epoch)
-            loader = DataLoader(task.train_set, batch_size=cfg.batch.micro_batch, sampler=sampler,
-                                collate_fn=task.collate, num_workers=cfg.batch.num_workers,
-                                pin_memory=device.type == "cuda", persistent_workers=False,
-                                generator=_loader_seed_source(cfg, state))
-            micro = state.consumed // cfg.batch.micro_batch
+class _Training:
+    """One run's moving parts, built once (the engine, its schedules and random streams, the sampler), and what
+    acts after a micro-step, a step and an epoch. Each policy decides for itself when it acts: logging every
+    ``run.log_every`` steps, saving (``_save_step``, ``end_epoch``), the stop signals, and the ledger of unreadable
+    videos, gathered whenever a record or a checkpoint is about to be written."""
+
+    def __init__(self, task: Task, info: DistInfo):
+        self.task, self.info, self.cfg, self.derived = task, info, task.cfg, task.derived
+        self.out = self.cfg.run.output_dir
+        self.engine = _build_engine(task)
+        self.schedules = Schedules.from_config(self.cfg.optim, self.derived)
+        seed = self.cfg.run.seed * 1000 + info.rank
+        _seed_streams(seed)  # drop path etc.: a stream of its own on every rank
+        self.generator = torch.Generator(device=self.engine.device).manual_seed(seed)  # masks
+        self.sampler = ResumableDistributedSampler(len(task.train_set), info.world_size, info.rank,
+                                                   seed=self.cfg.run.seed)
+        self.micro_per_epoch = self.derived.steps_per_epoch * self.cfg.batch.grad_accum
+        self.loss = None  # the last micro-batch's; None when a resume at an epoch's very end trains none before it
+        self.shown = None  # the loss of this step's last micro-batch that had clips: what the metrics record shows
+        self.save_at_epoch_end = False  # a periodic save of an epoch's last step, made once by the epoch's end
+
+    def resume(self) -> TrainState:
+        return _resume(self.engine, self.out, self.sampler, self.generator, self.task)
+
+    @contextlib.contextmanager
+    def policies(self, state: TrainState):
+        """The signal handlers, the metrics files, the unreadable-video ledger and the progress line, for the
+        time of the training."""
+        info = self.info
+        self.guard = preempt.install(self.cfg.run.requeue_signal, self.cfg.run.stop_signal)
+        self.metrics = MetricsWriter(self.out, enabled=info.is_main)
+        self.throughput = Throughput()
+        self.unreadable = UnreadableLog(self.out, info.is_main)
+        self.flops = self.task.train_flops_per_clip()
+        tty = info.is_main and sys.stderr.isatty()
+        self.progress = ProgressLine(state.step, self.derived.total_steps) if tty else None
+        try:
+            yield
+        finally:
+            preempt.uninstall()
+            self.metrics.close()
+            if self.progress:
+                self.progress.close()
+
+    def train_epoch(self, state: TrainState) -> None:
+        """The micro-steps left in ``state.epoch``, from ``state.consumed`` on."""
+        cfg, task = self.cfg, self.task
+        self.sampler.set_epoch(state.epoch)
+        task.train_set.set_epoch(state.epoch)
+        loader = DataLoader(task.train_set, batch_size=cfg.batch.micro_batch, sampler=self.sampler,
+                            collate_fn=task.collate, num_workers=cfg.batch.num_workers,
+                            pin_memory=self.engine.device.type == "cuda", persistent_workers=False,
+                            generator=_loader_seed_source(cfg, state))
+        micro = state.consumed // cfg.batch.micro_batch
+        waited = time.perf_counter()
+        for batch in preempt.iterate(loader):
+            if micro >= self.micro_per_epoch or state.step >= self.derived.total_steps:
+                break
+            boundary = self._micro_step(state, batch, time.perf_counter() - waited)
+            micro += 1
+            if boundary:
+                self._after_step(state, ends_epoch=micro >= self.micro_per_epoch)
             waited = time.perf_counter()
-            for batch in preempt.iterate(loader):
-                if micro >= micro_per_epoch or state.step >= derived.total_steps:
-                    break
-                data_wait = time.perf_counter() - waited
-                unreadable.add(batch.get("failures", ()), state.step + 1, state.epoch)
-                lr, wd = apply_schedules(engine.optimizer, state.step, schedules)
-                loss, clips = _micro_batch_loss(task, engine, batch, cfg.batch.micro_batch, generator)
-                if clips:
-                    shown = loss
-                boundary = ds.engine_step(engine, loss)
-                micro += 1
-                state.consumed += cfg.batch.micro_batch
-                throughput.add(clips, data_wait)
-                if boundary:
-                    state.step += 1
-                    task.after_step(engine, state.step)
-                    if progress:
-                        progress.update(state.step)
-                    periodic = cfg.run.save_every_steps and state.step % cfg.run.save_every_steps == 0
-                    # The same decision on every rank (poll is a collective); the last step finishes normally.
-                    request = guard.poll() if state.step < derived.total_steps else None
-                    logging_step = state.step % cfg.run.log_every == 0 or state.step == derived.total_steps
-                    if logging_step or periodic or request is not None:
-                        state.unreadable += unreadable.gather()  # a collective: the same steps on every rank
-                    if logging_step:
-                        _log_step(metrics, engine, state, loss, shown, lr, wd, throughput, flops, task)
-                    shown = None
-                    if periodic or request is not None:
-                        _check_finite(engine, loss.item(), state.step)  # never checkpoint a diverged model
-                        _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
-                    if request is not None:
-                        raise preempted(request, f"step {state.step}", info.is_main)
-                waited = time.perf_counter()
-            state.epoch += 1
-            state.consumed = 0
-            epoch_metrics = task.on_epoch_end(engine, state.epoch, out, generator)
-            if epoch_metrics:
-                metrics.write(state.step, {"epoch": state.epoch, **epoch_metrics}, prefix="eval")
-            last = state.step >= derived.total_steps
-            if last or state.epoch % cfg.run.save_every_epochs == 0:
-                state.unreadable += unreadable.gather()
-                if loss is not None:
-                    _check_finite(engine, loss.item(), state.step)
-                _save(engine, out, state, sampler, generator, task, cfg.run.keep_last)
-    finally:
-        preempt.uninstall()
-        metrics.close()
-        if progress:
-            progress.close()
-    _finish(task, engine, out, state.step, info)
-    return state
+
+    def _micro_step(self, state: TrainState, batch: dict, data_wait: float) -> bool:
+        """Forward, backward and (on an accumulation boundary, whose being one it returns) the optimizer step."""
+        micro_batch = self.cfg.batch.micro_batch
+        self.unreadable.add(batch.get("failures", ()), state.step + 1, state.epoch)
+        self.lr, self.wd = apply_schedules(self.engine.optimizer, state.step, self.schedules)
+        self.loss, clips = _micro_batch_loss(self.task, self.engine, batch, micro_batch, self.generator)
+        if clips:
+            self.shown = self.loss
+        boundary = ds.engine_step(self.engine, self.loss)
+        state.consumed += micro_batch
+        self.throughput.add(clips, data_wait)
+        return boundary
+
+    def _after_step(self, state: TrainState, ends_epoch: bool) -> None:
+        """After optimizer step ``state.step``: the task's hook, the log record, the checkpoint and the stop
+        signals, each when due. The same decisions on every rank (``poll`` and the ledger are collectives)."""
+        run, total = self.cfg.run, self.derived.total_steps
+        state.step += 1
+        self.task.after_step(self.engine, state.step)
+        if self.progress:
+            self.progress.update(state.step)
+        request = self.guard.poll() if state.step < total else None  # the last step finishes normally
+        periodic = bool(run.save_every_steps) and state.step % run.save_every_steps == 0
+        # An epoch's last step is saved by the epoch's end, with the epoch's results: one save per step.
+        save_now = request is not None or (periodic and not ends_epoch)
+        self.save_at_epoch_end |= periodic and not save_now
+        logging_step = state.step % run.log_every == 0 or state.step == total
+        if logging_step or periodic or request is not None:
+            state.unreadable += self.unreadable.gather()
+        if logging_step:
+            _log_step(self.metrics, self.engine, state, self.loss, self.shown, self.lr, self.wd, self.throughput,
+                      self.flops, self.task)
+        self.shown = None
+        if save_now:
+            self._save_step(state)
+        if request is not None:
+            raise preempted(request, f"step {state.step}", self.info.is_main)
+
+    def end_epoch(self, state: TrainState) -> None:
+        """The task's end of an epoch (validation, pictures), its metrics, and the epoch's checkpoint when due."""
+        state.epoch += 1
+        state.consumed = 0
+        epoch_metrics = self.task.on_epoch_end(self.engine, state.epoch, self.out, self.generator)
+        if epoch_metrics:
+            self.metrics.write(state.step, {"epoch": state.epoch, **epoch_metrics}, prefix="eval")
+        last = state.step >= self.derived.total_steps
+        if last or state.epoch % self.cfg.run.save_every_epochs == 0 or self.save_at_epoch_end:
+            state.unreadable += self.unreadable.gather()
+            self._save_step(state)
+
+    def _save_step(self, state: TrainState) -> None:
+        """The one way a checkpoint is written: never of a diverged model."""
+        if self.loss is not None:
+            _check_finite(self.engine, self.loss.item(), state.step)
+        _save(self.engine, self.out, state, self.sampler, self.generator, self.task, self.cfg.run.keep_last)
+        self.save_at_epoch_end = False
 
 
 def _loader_seed_source(cfg, state: TrainState) -> torch.Generator:

@@ -1,4 +1,5 @@
-"""Shared test setup: the suite runs on CPU in a few minutes; GPU tests are marked and skip themselves."""
+"""Shared test setup: the suite runs on CPU; GPU tests are marked and skip themselves; tests that start processes are
+marked ``e2e`` (``pytest -m "not e2e"`` is the fast loop). Helpers for them are in ``helpers.py``."""
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped where there is none")
+    config.addinivalue_line("markers", "e2e: starts processes (an entry point, torchrun, spawned ranks, Slurm); "
+                                       "pytest -m 'not e2e' is the fast loop")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -53,3 +56,17 @@ def ds_group():
         deepspeed.comm.comm.cdb = None
         for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
             setattr(deepspeed.utils.groups, name, None)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """The synthetic motion dataset (40 videos of 16 frames, 4 classes; a module's own), plus a test list with one
+    corrupt video among the real ones."""
+    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
+    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+    lines = (root / "val.csv").read_text().splitlines()
+    (root / "test_with_broken.csv").write_text("\n".join(lines[:4] + ["broken.mp4 1"] + lines[4:]) + "\n")
+    return root

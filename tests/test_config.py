@@ -313,6 +313,7 @@ def test_a_wrong_flag_exits_2_naming_the_valid_ones(argv, expected, capsys):
     assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.e2e
 def test_entry_points_exit_2_with_one_line_on_wrong_input(tmp_path):
     import subprocess
     import sys

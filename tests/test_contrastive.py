@@ -1,6 +1,8 @@
 """VIMPAC's InfoNCE (engine/tasks/vimpac.py): against a direct implementation of the paper's eq. 4-5, and two gloo
 ranks of B videos against one process of 2B (loss and gradients, with DeepSpeed's averaging of gradients)."""
 
+import pytest
+
 import math
 import os
 import socket
@@ -70,6 +72,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_ranks_of_b_videos_give_the_loss_and_gradients_of_one_process_of_2b(tmp_path):
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     clips, weight = features()
@@ -126,6 +129,7 @@ def _head_rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_the_heads_batch_norm_makes_two_ranks_one_process(tmp_path):
     mp.spawn(_head_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     fresh, clips = head_and_clips()

@@ -22,23 +22,15 @@ from datasets.ava.splits import detected_keyframes, ground_truth
 from engine.eval.detection import DetectionScores, average_precision, rank_batches
 from engine.tasks.detection import DetectionConfig
 from datasets.ava.files import read_excluded_timestamps, read_label_map
-from test_pretrain import losses
+from helpers import CONFIGS, ROOT, entry_command, losses, run
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "run_scripts" / "configs" / "detect" / "tiny_cpu.yaml"
+RECIPE = CONFIGS / "detect" / "tiny_cpu.yaml"
 SCRIPT = ROOT / "run_scripts" / "detect.py"
 SMALL = "{num_videos: 24, num_val_videos: 6}"  # the default synthetic size: runs in seconds, learns little
 
 
 def command(out: Path, data_root: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), "--config", str(RECIPE), f"run.output_dir={out}", f"data.root={data_root}",
-            "run.log_every=1", *overrides]
-
-
-def run(cmd: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return entry_command("detect.py", RECIPE, out, f"data.root={data_root}", "run.log_every=1", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +61,7 @@ def random_baseline(data_root: Path, seeds: int = 5) -> list[float]:
     return maps
 
 
+@pytest.mark.e2e
 def test_the_tiny_recipe_validates_tests_and_beats_random_scores(recipe_run):
     out, data, seconds = recipe_run
     for name in ("config.yaml", "metrics.jsonl", "weights.pt", "best.pt", "test_results.json", "detections.csv",
@@ -88,6 +81,7 @@ def test_the_tiny_recipe_validates_tests_and_beats_random_scores(recipe_run):
     assert results["mAP"] > max(baseline) + 0.1
 
 
+@pytest.mark.e2e
 def test_detections_csv_is_the_official_8_column_format(recipe_run):
     out, data, _ = recipe_run
     cfg = load_config(DetectionConfig, str(RECIPE), [f"data.root={data}"])
@@ -103,6 +97,7 @@ def test_detections_csv_is_the_official_8_column_format(recipe_run):
     assert {int(row[6]) for row in rows} == set(class_ids)
 
 
+@pytest.mark.e2e
 def test_eval_only_scores_exported_weights_like_the_final_test(recipe_run):
     out, data, _ = recipe_run
     run(command(out, data, "--eval-only"))
@@ -112,6 +107,7 @@ def test_eval_only_scores_exported_weights_like_the_final_test(recipe_run):
     assert (out / "eval_weights_detections.csv").is_file()
 
 
+@pytest.mark.e2e
 def test_an_unknown_key_exits_2_naming_the_valid_ones(tmp_path):
     result = subprocess.run(command(tmp_path / "run", tmp_path / "data", "data.detection_min_scor=0.5"), cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
@@ -120,6 +116,7 @@ def test_an_unknown_key_exits_2_naming_the_valid_ones(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_mismatched_classes_are_a_config_error(tmp_path):
     result = subprocess.run(command(tmp_path / "run", tmp_path / "data", "model.num_classes=8"), cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
@@ -141,6 +138,7 @@ def test_rank_batches_cover_every_keyframe_once_without_mixing_videos():
         assert sorted(seen) == list(range(len(keyframes)))
 
 
+@pytest.mark.e2e
 def test_an_unreadable_keyframe_is_listed_as_unscored(tmp_path):
     """A detection on a video without frames: the run goes on and names the keyframe."""
     from datasets.synthetic.ava import SyntheticAVASpec, ensure_synthetic_ava
@@ -157,6 +155,7 @@ def test_an_unreadable_keyframe_is_listed_as_unscored(tmp_path):
     assert math.isfinite(results["mAP"])
 
 
+@pytest.mark.e2e
 def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     overrides = (f"data.synthetic={SMALL}", "optim.epochs=2", "eval.every_epochs=1", "batch.micro_batch=4",
                  "run.save_every_steps=5", "run.keep_last=3")
@@ -195,6 +194,7 @@ def detections(path: Path) -> dict[tuple, float]:
         return {tuple(row[:7]): float(row[7]) for row in csv.reader(f)}
 
 
+@pytest.mark.e2e
 def test_two_ranks_score_every_keyframe_once_and_give_the_map_of_one(recipe_run, tmp_path):
     """--eval-only of the same weights on one rank and on two: every keyframe scored once over the ranks (a
     contiguous share each, rows gathered), the same rows, the same AP for every class."""
@@ -213,6 +213,7 @@ def test_two_ranks_score_every_keyframe_once_and_give_the_map_of_one(recipe_run,
     assert max(abs(rows[0][k] - rows[1][k]) for k in rows[0]) < 1e-5
 
 
+@pytest.mark.e2e
 def test_zero3_bf16_on_two_ranks_trains_validates_and_tests(tmp_path):
     """ZeRO-3 partitions the parameters, so every forward is a collective: validation and the final test run a
     blank forward on a rank that has fewer keyframes to score; here in bf16."""

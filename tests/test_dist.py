@@ -31,6 +31,7 @@ def test_plain_python_is_rank_0_of_1_without_any_variable():
     assert detect_launch({"MASTER_PORT": "1234"}).master_port == 1234
 
 
+@pytest.mark.e2e
 def test_torchrun():
     env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}
@@ -75,6 +76,7 @@ def test_srun_prefers_the_step_over_the_job_and_explicit_master_variables():
     assert (detect_launch(env).master_addr, detect_launch(env).master_port) == ("login1", 4242)
 
 
+@pytest.mark.e2e
 def test_launcher_variables_win_over_slurm():
     """`srun torchrun ...`: one torchrun per node; its workers carry both sets of variables."""
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "3",
@@ -230,6 +232,7 @@ def _free_slurm_job_id():
     pytest.skip("no free port in the Slurm-derived range")
 
 
+@pytest.mark.e2e
 def test_two_srun_tasks_rendezvous_on_the_first_host_and_derived_port(tmp_path):
     script = tmp_path / "srun_task.py"
     script.write_text(SRUN_SCRIPT)

@@ -326,6 +326,7 @@ TWO_RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_two_ranks_with_torchrun_end_with_identical_parameters(tmp_path):
     script, result = tmp_path / "two_ranks.py", tmp_path / "result.json"
     script.write_text(TWO_RANK_SCRIPT)

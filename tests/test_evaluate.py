@@ -159,6 +159,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.e2e
 def test_two_ranks_give_the_same_summary_as_one_process(tmp_path):
     mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     single = gather(_score_items(range(NUM_VIDEOS * TEMPORAL)))

@@ -21,38 +21,17 @@ from engine.config import ConfigError, load_config
 from engine.tasks.finetune import FinetuneConfig, FinetuneMaskConfig
 from engine.optim import build_optimizer
 from models.vit import build_classifier
-from test_pretrain import losses, records, wait_for_step
+from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, losses, records, run, wait_for_step
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "run_scripts" / "configs" / "finetune" / "tiny_cpu.yaml"
+RECIPE = CONFIGS / "finetune" / "tiny_cpu.yaml"
 SCRIPT = ROOT / "run_scripts" / "finetune.py"
-SPEC = "{num_videos: 40, frames: 16, num_classes: 4}"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """The synthetic dataset, plus a test list with one corrupt video among the real ones."""
-    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
-    (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
-    lines = (root / "val.csv").read_text().splitlines()
-    (root / "test_with_broken.csv").write_text("\n".join(lines[:4] + ["broken.mp4 1"] + lines[4:]) + "\n")
-    return root
 
 
 def command(out: Path, data_root: Path, *overrides: str, launcher=(sys.executable,)) -> list[str]:
-    return [*launcher, str(SCRIPT), "--config", str(RECIPE), f"run.output_dir={out}", f"data.root={data_root}",
-            f"data.synthetic={SPEC}", "model.num_classes=4", "data.num_classes=4", "batch.micro_batch=4",
-            "optim.epochs=2", "eval.every_epochs=1", "run.save_every_epochs=1", "run.log_every=1", "ema.decay=0.9",
-            *overrides]
-
-
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    return entry_command("finetune.py", RECIPE, out, f"data.root={data_root}", f"data.synthetic={SYNTHETIC}",
+                         "model.num_classes=4", "data.num_classes=4", "batch.micro_batch=4", "optim.epochs=2",
+                         "eval.every_epochs=1", "run.save_every_epochs=1", "run.log_every=1", "ema.decay=0.9",
+                         *overrides, launcher=launcher)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -66,6 +45,7 @@ def finished_run(tmp_path_factory, data_root):
     return out
 
 
+@pytest.mark.e2e
 def test_a_run_validates_exports_and_tests_every_video_once(finished_run):
     out = finished_run
     for name in ("config.yaml", "metrics.jsonl", "weights.pt", "best.pt", "weights_ema.pt", "best_ema.pt",
@@ -88,6 +68,7 @@ def test_a_run_validates_exports_and_tests_every_video_once(finished_run):
     assert any(not torch.equal(model[k], ema[k]) for k in model)
 
 
+@pytest.mark.e2e
 def test_a_complete_run_is_not_trained_or_tested_again(finished_run, data_root):
     before = (finished_run / "test_results.json").stat().st_mtime_ns
     again = run(command(finished_run, data_root))
@@ -95,6 +76,7 @@ def test_a_complete_run_is_not_trained_or_tested_again(finished_run, data_root):
     assert (finished_run / "test_results.json").stat().st_mtime_ns == before
 
 
+@pytest.mark.e2e
 def test_eval_only_reproduces_the_final_test(finished_run, data_root):
     run(command(finished_run, data_root, "--eval-only"))
     evaluated = json.loads((finished_run / "eval_weights.json").read_text())["model"]
@@ -103,6 +85,7 @@ def test_eval_only_reproduces_the_final_test(finished_run, data_root):
         assert evaluated[key] == pytest.approx(tested[key]), key
 
 
+@pytest.mark.e2e
 def test_an_unreadable_test_video_is_listed_on_one_and_two_ranks_alike(finished_run, data_root, tmp_path):
     """9 videos x 3 temporal views = 27 items: an uneven split over two ranks; every video is scored once and
     the broken one is reported, not replaced."""
@@ -125,6 +108,7 @@ def test_an_unreadable_test_video_is_listed_on_one_and_two_ranks_alike(finished_
         assert double[key] == pytest.approx(single[key], abs=1e-12), key
 
 
+@pytest.mark.e2e
 def test_resuming_from_an_earlier_checkpoint_gives_the_same_model_and_ema(finished_run, data_root, tmp_path):
     """Drop the last checkpoint and the exports: the rerun replays epoch 2 from step 1's checkpoint (model,
     optimizer, sampler, RNGs, EMA and best score) and must end with identical weights."""
@@ -145,6 +129,7 @@ def test_resuming_from_an_earlier_checkpoint_gives_the_same_model_and_ema(finish
         assert all(torch.equal(got[k], expected[k]) for k in expected), name
 
 
+@pytest.mark.e2e
 def test_from_pretrained_weights_of_another_frame_count(tmp_path, data_root):
     """A 16-frame pre-training export fine-tunes at 8 frames (the sin-cos table is rebuilt)."""
     from engine.checkpoint import export_weights
@@ -162,6 +147,7 @@ def test_from_pretrained_weights_of_another_frame_count(tmp_path, data_root):
     assert tuned["patch_embed.proj.weight"].shape == pretrained.state_dict()["encoder.patch_embed.proj.weight"].shape
 
 
+@pytest.mark.e2e
 def test_zero3_on_two_ranks_validates_and_tests_with_collective_forwards(tmp_path, data_root):
     """ZeRO-3 gathers parameters in every forward: with an uneven split of the views every rank must still make
     the same number of forwards, or the run hangs (the timeout would fail this test)."""
@@ -217,11 +203,12 @@ def test_fine_tuning_mask_ratio_anneals_from_its_start_to_zero_on_a_cosine():
     assert ratios[25] == pytest.approx(0.25 * (1 + math.cos(math.pi / 4)))
 
 
+@pytest.mark.e2e
 def test_the_main_job_runs_the_whole_story_and_prints_the_table(tmp_path, data_root):
     """transfer_demo.py: pre-train, fine-tune from it and from scratch, detect from it and from scratch, test all
     four, two tables (tiny budget). The classification overrides (--set) must not reach detect.py, whose data
     section is AVA's: it refuses the classification data.synthetic spec, and data.root would point at the clips."""
-    overrides = [f"--set=data.root={data_root}", f"--set=data.synthetic={SPEC}", "--set=batch.micro_batch=4",
+    overrides = [f"--set=data.root={data_root}", f"--set=data.synthetic={SYNTHETIC}", "--set=batch.micro_batch=4",
                  "--set=optim.warmup_epochs=1"]
     finetune_only = ["model.num_classes=4", "data.num_classes=4", "eval.every_epochs=1"]
     detect_only = [f"data.root={tmp_path / 'ava'}", "data.synthetic.num_videos=12", "data.synthetic.num_val_videos=4"]
@@ -249,6 +236,7 @@ def test_the_main_job_runs_the_whole_story_and_prints_the_table(tmp_path, data_r
     assert configs["scratch"]["data"]["root"] == str(tmp_path / "ava")  # the detection data, not the --set one
 
 
+@pytest.mark.e2e
 def test_a_signal_mid_run_stops_after_a_checkpoint_and_the_rerun_ends_like_the_uninterrupted_run(
         finished_run, data_root, tmp_path):
     """Preemption is the loop's, so fine-tuning has it too: SIGUSR1 to every process (loader workers included, as

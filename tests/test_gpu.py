@@ -270,6 +270,7 @@ def test_pinned_loading_copies_the_same_clips_to_the_gpu(data_root):
     assert torch.equal(on_gpu.cpu(), batch["video"])
 
 
+@pytest.mark.e2e
 def test_fine_tuning_validates_tests_and_predicts_on_cuda(data_root, tmp_path):
     out = tmp_path / "finetune"
     command = [sys.executable, str(ROOT / "run_scripts" / "finetune.py"), "--config",

@@ -23,6 +23,7 @@ def smoke(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.e2e
 def test_the_smoke_check_runs_every_part_and_exits_0(smoke):
     out, result = smoke
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -32,6 +33,7 @@ def test_the_smoke_check_runs_every_part_and_exits_0(smoke):
     assert "skipped" in (out / "gpu_tests.txt").read_text()  # the GPU tests were collected and skipped, none failed
 
 
+@pytest.mark.e2e
 def test_every_benchmark_reports_its_figures(smoke):
     out, _ = smoke
     report = json.loads((out / "gpu_bench.json").read_text())

@@ -70,11 +70,13 @@ def fake_wheel(folder, name, version, requires=(), tag="py3-none-any", requires_
     return path
 
 
+@pytest.mark.e2e
 def test_script_parses():
     result = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.e2e
 def test_direct_dependencies_come_at_the_versions_ci_tests():
     planned, constraints = plan(), pins(ROOT / "run_scripts" / "constraints.txt")
     for name in DIRECT:
@@ -83,6 +85,7 @@ def test_direct_dependencies_come_at_the_versions_ci_tests():
     assert planned["fairscale"][1] == "sdist"
 
 
+@pytest.mark.e2e
 def test_a_missing_pin_stops_the_plan(tmp_path):
     scripts = tmp_path / "run_scripts"
     scripts.mkdir()
@@ -95,6 +98,7 @@ def test_a_missing_pin_stops_the_plan(tmp_path):
     assert "av has no NAME==VERSION" in result.stderr
 
 
+@pytest.mark.e2e
 def test_image_list_is_the_gpu_image_and_we_carry_only_what_it_lacks():
     names = image_names()
     assert {"torch", "timm", "transformers", "numpy", "pyyaml", "einops", "nvidia-ml-py"} <= names
@@ -104,6 +108,7 @@ def test_image_list_is_the_gpu_image_and_we_carry_only_what_it_lacks():
     assert not {"deepspeed", "pydantic", "pydantic-core", "hjson", "av", "decord"} & names
 
 
+@pytest.mark.e2e
 def test_check_passes_a_complete_set_and_ends_with_the_install_command(tmp_path):
     fake_wheel(tmp_path, "deepspeed", "0.19.8", ["torch>=2.0.0", "pydantic>=2.0.0", "py-cpuinfo",
                                                  'sphinx; extra == "dev"', 'pywin32; sys_platform == "win32"',
@@ -116,6 +121,7 @@ def test_check_passes_a_complete_set_and_ends_with_the_install_command(tmp_path)
     assert result.stdout.splitlines()[-1] == f"on the GPU machine: {INSTALL}"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("requires, extra_wheels, expected", [
     (["made-up-missing-package>=1"], [], "made-up-missing-package"),
     (["pydantic-core==2.50.5"], [("pydantic_core", "2.50.4")], "has pydantic-core 2.50.4"),
@@ -133,6 +139,7 @@ def test_check_flags_what_the_gpu_machine_would_miss(tmp_path, requires, extra_w
     assert INSTALL not in result.stdout
 
 
+@pytest.mark.e2e
 def test_check_flags_python_version_and_size(tmp_path):
     fake_wheel(tmp_path, "ours", "1.0", requires_python=">=3.13")
     result = run("--check", WHL_DIR=str(tmp_path), WHL_LIMIT_MIB="0")

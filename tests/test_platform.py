@@ -2,6 +2,8 @@
 clip, multi-hot labels, an unreadable item): it trains through the shared launcher and loop, checkpoints, is killed
 with SIGKILL mid-epoch and resumes to the uninterrupted run's losses and weights, bit for bit."""
 
+import pytest
+
 import json
 import signal
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import complete_steps
+from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ("run.log_every=1", "run.save_every_steps=2", "run.keep_last=3", "run.save_every_epochs=1")
@@ -26,12 +29,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
+@pytest.mark.e2e
 def test_a_boxes_task_trains_is_killed_and_resumes_bit_exactly(tmp_path):
     reference = tmp_path / "reference"
     run(command(reference))

@@ -15,7 +15,8 @@ from engine.checkpoint import complete_steps
 from engine.config import ConfigError, load_config
 from engine.preempt import PREEMPTED_EXIT_CODE, PreemptionGuard, parse_signal, requeue_slurm_job
 from engine.tasks.pretrain import PretrainConfig
-from test_pretrain import RECIPE, ROOT, command, data_root, losses, run, wait_for_step  # noqa: F401 (data_root: a fixture)
+from test_pretrain import RECIPE, ROOT, command
+from helpers import losses, run, wait_for_step
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641")
 
@@ -113,6 +114,7 @@ def reference(tmp_path_factory, data_root) -> Path:
     return out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
 def test_a_signal_mid_run_checkpoints_that_step_and_the_rerun_equals_the_uninterrupted_run(tmp_path, data_root,
                                                                                           reference, sig):
@@ -133,6 +135,7 @@ def test_a_signal_mid_run_checkpoints_that_step_and_the_rerun_equals_the_uninter
     assert losses(out) == losses(reference)  # bit-identical on CPU in fp32
 
 
+@pytest.mark.e2e
 def test_two_ranks_stop_after_the_same_step_when_only_one_is_signalled(tmp_path, data_root):
     out = tmp_path / "two"
     process = subprocess.Popen(command(out, data_root, "optim.epochs=4", launcher=TORCHRUN), cwd=ROOT,

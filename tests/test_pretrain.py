@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,71 +14,18 @@ import torch
 from engine.checkpoint import MARKER, checkpoint_root, complete_steps
 from engine.config import ConfigError, load_config
 from engine.tasks.pretrain import PretrainConfig
+from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, kill_after_checkpoint, losses, run, wait_for_step
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("synthetic")
-    ensure_synthetic_dataset(root, SyntheticSpec(num_videos=40, frames=16, num_classes=4))
-    return root
+RECIPE = CONFIGS / "pretrain" / "tiny_cpu.yaml"
 
 
 def command(out: Path, data_root: Path, *overrides: str, launcher=(sys.executable,)) -> list[str]:
-    return [*launcher, str(ROOT / "run_scripts" / "pretrain.py"), "--config", str(RECIPE),
-            f"run.output_dir={out}", f"data.root={data_root}", "data.synthetic={num_videos: 40, frames: 16, "
-            "num_classes: 4}", "batch.micro_batch=4", "optim.epochs=2", "optim.warmup_epochs=1", "run.log_every=1",
-            "run.vis_every_epochs=1",
-            "run.save_every_epochs=1",
-            *overrides]
+    return entry_command("pretrain.py", RECIPE, out, f"data.root={data_root}", f"data.synthetic={SYNTHETIC}",
+                         "batch.micro_batch=4", "optim.epochs=2", "optim.warmup_epochs=1", "run.log_every=1",
+                         "run.vis_every_epochs=1", "run.save_every_epochs=1", *overrides, launcher=launcher)
 
 
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def records(out: Path) -> list[dict]:
-    """The run's metrics.jsonl records (none before it exists)."""
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def losses(out: Path) -> dict[int, float]:
-    """step -> training loss, the last record of each step winning (a resumed run logs the replayed steps again);
-    validation records carry no loss."""
-    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
-
-
-def wait_for_step(process: subprocess.Popen, out: Path, step: int, timeout: float = 240) -> int:
-    """Wait until the run writing to ``out`` logged ``step`` (or later); returns the newest logged step."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        seen = max(losses(out), default=0)
-        if seen >= step:
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"the run ended or stalled before step {step} (exit code {process.poll()})")
-
-
-def kill_after_checkpoint(process: subprocess.Popen, out: Path, checkpoint: int, step: int,
-                          timeout: float = 240) -> None:
-    """SIGKILL the run (its whole process group) once the checkpoint of step ``checkpoint`` is complete and training
-    logged step ``step``."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        if checkpoint in complete_steps(out) and max(losses(out), default=0) >= step:
-            break
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-
-
+@pytest.mark.e2e
 def test_tiny_run_writes_everything_and_knows_when_it_is_done(tmp_path, data_root):
     out = tmp_path / "run"
     run(command(out, data_root))
@@ -94,6 +40,7 @@ def test_tiny_run_writes_everything_and_knows_when_it_is_done(tmp_path, data_roo
     assert "is complete" in again.stdout + again.stderr
 
 
+@pytest.mark.e2e
 def test_exported_weights_load_into_the_fine_tuning_model(tmp_path, data_root):
     out = tmp_path / "run"
     run(command(out, data_root, "optim.epochs=1"))
@@ -117,6 +64,7 @@ def test_exported_weights_load_into_the_fine_tuning_model(tmp_path, data_root):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+@pytest.mark.e2e
 def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path, data_root):
     out = tmp_path / "diverged"
     result = subprocess.run(command(out, data_root, "optim.lr=1e12", "run.save_every_steps=1", "run.keep_last=50"),
@@ -128,6 +76,7 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_checkpoints(tmp_path,
     assert not (out / "weights.pt").exists()
 
 
+@pytest.mark.e2e
 def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, data_root):
     overrides = ("run.save_every_steps=3", "run.keep_last=3")
     reference = tmp_path / "reference"
@@ -153,6 +102,7 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path, dat
     assert not (checkpoint_root(out) / "step_999" / MARKER).exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])
 def test_sgd_and_lars_resume_after_the_first_epoch_exactly(tmp_path, data_root, optimizer):
     """Momentum buffers and the step-indexed schedule come back from the checkpoint: the resumed second epoch
@@ -181,6 +131,7 @@ def test_sgd_and_lars_resume_after_the_first_epoch_exactly(tmp_path, data_root, 
     assert yaml.safe_load((out / "config.yaml").read_text())["optim"]["name"] == optimizer
 
 
+@pytest.mark.e2e
 def test_two_ranks_zero2_under_torchrun(tmp_path, data_root):
     out = tmp_path / "two"
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
@@ -192,6 +143,7 @@ def test_two_ranks_zero2_under_torchrun(tmp_path, data_root):
     assert (out / "weights.pt").is_file()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("template", ["zero3_fp32", "zero2_bf16", "zero2_offload_bf16"])
 def test_zero3_bf16_and_offload_single_rank(tmp_path, data_root, template):
     out = tmp_path / template
@@ -206,6 +158,7 @@ def test_precision_is_the_templates_and_stated_nowhere_else():
         load_config(PretrainConfig, str(RECIPE), ["ds.precision=bf16"])
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, data_root):
     out = tmp_path / "accum"
     run(command(out, data_root, "optim.epochs=1", "batch.grad_accum=2"))
@@ -217,6 +170,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, data_root):
     assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
+@pytest.mark.e2e
 def test_fp16_logs_the_loss_scale(tmp_path, data_root):
     from engine.ds import check_precision_supported
 
@@ -230,6 +184,7 @@ def test_fp16_logs_the_loss_scale(tmp_path, data_root):
     assert record["loss_scale"] > 0 and "skipped_steps" in record
 
 
+@pytest.mark.e2e
 def test_compiled_model_trains_and_exports_the_same_names(tmp_path, data_root):
     """torch.compile through DeepSpeed (about a minute on 2 cores, most of it compiling)."""
     out = tmp_path / "compiled"

@@ -30,12 +30,10 @@ from models.probe import DEFAULT_POOLS as POOLS  # the pooled features of an enc
 from models.probe import AttentiveProbeGrid, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
 from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
-from test_finetune import data_root  # noqa: F401  (fixture: synthetic videos, a list with a corrupt one)
+from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, run
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_scripts" / "probe.py"
-RECIPE = ROOT / "run_scripts" / "configs" / "probe" / "tiny_cpu.yaml"
-SPEC = "{num_videos: 40, frames: 16, num_classes: 4}"
+RECIPE = CONFIGS / "probe" / "tiny_cpu.yaml"
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29653")
 
 
@@ -328,18 +326,12 @@ def test_unreadable_test_videos_are_named_and_left_unscored(tmp_path, data_root,
 
 
 def command(out: Path, data_root: Path, *overrides: str, launcher=(sys.executable,)) -> list[str]:
-    return [*launcher, str(SCRIPT), "--config", str(RECIPE), f"run.output_dir={out}", f"data.root={data_root}",
-            f"data.synthetic={SPEC}", "model.num_classes=4", "data.num_classes=4", "model.encoder.num_frames=4",
+    return entry_command("probe.py", RECIPE, out, f"data.root={data_root}", f"data.synthetic={SYNTHETIC}",
+            "model.num_classes=4", "data.num_classes=4", "model.encoder.num_frames=4",
             "model.encoder.img_size=32", "data.eval_augment.short_side=32", "data.sampling_rate=2",
             "features.shard_items=4", "features.micro_batch=8", "features.num_workers=0", "grid.lrs=[0.1,0.8]",
             "batch.micro_batch=8", "optim.epochs=3", "optim.warmup_epochs=1", "eval.every_epochs=1",
-            "run.save_every_epochs=1", "run.log_every=1", *overrides]
-
-
-def run(cmd: list[str], expect: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+            "run.save_every_epochs=1", "run.log_every=1", *overrides, launcher=launcher)
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +354,7 @@ def stopped_and_resumed(tmp_path_factory, data_root):
     return out, output + result.stderr, train_shards
 
 
+@pytest.mark.e2e
 def test_a_run_stopped_during_extraction_resumes_and_reports_heads_and_knn(stopped_and_resumed):
     out, output, _ = stopped_and_resumed
     results = json.loads((out / "probe_results.json").read_text())
@@ -380,6 +373,7 @@ def test_a_run_stopped_during_extraction_resumes_and_reports_heads_and_knn(stopp
     assert "train: shard 15" in output  # the missing shards were extracted on the second run
 
 
+@pytest.mark.e2e
 def test_two_ranks_give_the_features_and_results_of_one(stopped_and_resumed, tmp_path, data_root):
     one, _, _ = stopped_and_resumed
     two = tmp_path / "two"
@@ -399,6 +393,7 @@ def test_two_ranks_give_the_features_and_results_of_one(stopped_and_resumed, tmp
     assert results_one["knn"] == results_two["knn"]
 
 
+@pytest.mark.e2e
 def test_a_head_trained_alone_is_the_grids(stopped_and_resumed, tmp_path, data_root):
     grid_run, _, _ = stopped_and_resumed
     alone = tmp_path / "alone"
@@ -413,6 +408,7 @@ def test_a_head_trained_alone_is_the_grids(stopped_and_resumed, tmp_path, data_r
         torch.testing.assert_close(single[f"heads.0.{name}"], grid[f"heads.{index}.{name}"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_the_entry_point_refuses_a_checkpoint_without_an_encoder(tmp_path, data_root, stopped_and_resumed):
     grid_run, _, _ = stopped_and_resumed
     result = run(command(tmp_path / "bad", data_root, f"model.init={grid_run / 'best_head.pt'}"), expect=2)
@@ -451,12 +447,13 @@ ATTENTIVE_SCRIPT = ROOT / "run_scripts" / "attentive_probe.py"
 ATTENTIVE_RECIPE = ROOT / "run_scripts" / "configs" / "attentive_probe" / "tiny_cpu.yaml"
 
 
+@pytest.mark.e2e
 def test_the_attentive_probe_trains_only_its_probes_and_chooses_on_validation(tmp_path, data_root):
     pretrain = randomize(VideoMAE(PretrainModelConfig(tiny_vit())))
     torch.save({"model": pretrain.state_dict()}, tmp_path / "pretrained.pt")
     out = tmp_path / "attentive"
     run([sys.executable, str(ATTENTIVE_SCRIPT), "--config", str(ATTENTIVE_RECIPE), f"run.output_dir={out}",
-         f"data.root={data_root}", f"data.synthetic={SPEC}", "model.num_classes=4", "data.num_classes=4",
+         f"data.root={data_root}", f"data.synthetic={SYNTHETIC}", "model.num_classes=4", "data.num_classes=4",
          "model.encoder.num_frames=4", "model.encoder.img_size=32", "data.eval_augment.short_side=32",
          "data.sampling_rate=2", "grid.lrs=[0.001,0.01]", "batch.micro_batch=8", "batch.num_workers=0",
          "optim.epochs=2", "eval.every_epochs=1", f"model.init={tmp_path / 'pretrained.pt'}"])
@@ -479,11 +476,12 @@ def test_the_attentive_probe_trains_only_its_probes_and_chooses_on_validation(tm
 # ---- the k-NN monitor of pre-training --------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_pretraining_logs_a_knn_accuracy_that_an_independent_knn_of_its_weights_reproduces(tmp_path, data_root):
     out = tmp_path / "pretrain"
     run([sys.executable, str(ROOT / "run_scripts" / "pretrain.py"), "--config",
          str(ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"), f"run.output_dir={out}",
-         f"data.root={data_root}", f"data.synthetic={SPEC}", "model.encoder.num_frames=4", "model.encoder.img_size=32",
+         f"data.root={data_root}", f"data.synthetic={SYNTHETIC}", "model.encoder.num_frames=4", "model.encoder.img_size=32",
          "data.sampling_rate=2", "data.eval_augment.short_side=32", "batch.micro_batch=8", "batch.num_workers=0",
          "optim.epochs=2", "optim.warmup_epochs=1", "run.vis_every_epochs=0", "run.save_every_epochs=1",
          "knn.every_epochs=1", "knn.k=5"])

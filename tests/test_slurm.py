@@ -31,7 +31,7 @@ import torch
 
 from engine.checkpoint import complete_steps
 from engine.dist import expand_hostlist, slurm_port
-from test_pretrain import losses
+from helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "run_scripts" / "slurm" / "local_cluster.sh"
@@ -182,6 +182,7 @@ def jobs(cluster, tmp_path_factory):
             "most_running": most_running[0]}
 
 
+@pytest.mark.e2e
 def test_a_two_task_zero2_job_runs_to_completion(jobs):
     assert jobs["states"]["srun"] == "COMPLETED", jobs["logs"]["srun"][-3000:]
     out = jobs["outs"]["srun"]
@@ -191,6 +192,7 @@ def test_a_two_task_zero2_job_runs_to_completion(jobs):
     assert "'world_size': 2" in log and "zero stage ZeroStageEnum.gradients, world_size: 2" in log
 
 
+@pytest.mark.e2e
 def test_the_signalled_job_requeues_itself_and_ends_equal_to_the_uninterrupted_one(jobs):
     log = jobs["logs"]["requeued"]
     assert jobs["states"]["requeued"] == "COMPLETED" and jobs["restarts"]["requeued"] == "1", log[-3000:]
@@ -211,6 +213,7 @@ def test_the_signalled_job_requeues_itself_and_ends_equal_to_the_uninterrupted_o
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["torchrun", "torchrun_2nodes"])
 def test_one_torchrun_per_node_trains_like_one_task_per_rank(jobs, name):
     log = jobs["logs"][name]
@@ -219,6 +222,7 @@ def test_one_torchrun_per_node_trains_like_one_task_per_rank(jobs, name):
     assert losses(jobs["outs"][name]) == losses(jobs["outs"]["srun"])
 
 
+@pytest.mark.e2e
 def test_a_cancelled_job_checkpoints_and_is_not_requeued(jobs):
     log = jobs["logs"]["cancelled"]
     assert jobs["states"]["cancelled"] == "CANCELLED" and jobs["restarts"]["cancelled"] == "0", log[-3000:]
@@ -227,6 +231,7 @@ def test_a_cancelled_job_checkpoints_and_is_not_requeued(jobs):
     assert max(complete_steps(jobs["outs"]["cancelled"])) == step
 
 
+@pytest.mark.e2e
 def test_concurrent_jobs_on_one_node_use_different_ports(jobs):
     assert jobs["most_running"] >= 2, "the jobs never ran at the same time"
     ports = {name: int(re.search(r"rendezvous \S+:(\d+)\)", log).group(1)) for name, log in jobs["logs"].items()}

@@ -1,6 +1,8 @@
 """run_scripts/submit.py without a cluster (--dry-run): the sbatch command it writes, and the errors it stops at
 before anything is queued; the rendezvous that train.sbatch exports (python -m engine.dist)."""
 
+import pytest
+
 import os
 import shlex
 import subprocess
@@ -21,6 +23,7 @@ def sbatch_words(result) -> list[str]:
     return shlex.split(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_dry_run_writes_the_8x8_command_from_the_recipe(tmp_path):
     relative = os.path.relpath(ROOT / RECIPE, tmp_path)  # from where the user stands
     result = submit("pretrain", "--config", relative, "--nodes", "8", "--gpus-per-node", "8", "--cpus-per-task", "12",
@@ -42,6 +45,7 @@ def test_dry_run_writes_the_8x8_command_from_the_recipe(tmp_path):
     assert not (tmp_path / "l").exists()  # a dry run creates nothing
 
 
+@pytest.mark.e2e
 def test_torchrun_launcher_takes_one_task_per_node_with_all_its_cpus():
     words = sbatch_words(submit("finetune", "--config", "run_scripts/configs/finetune/videomae_h_k400.yaml",
                                 "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "10", "--launcher",
@@ -50,6 +54,7 @@ def test_torchrun_launcher_takes_one_task_per_node_with_all_its_cpus():
     assert "LAUNCHER=torchrun" in " ".join(words) and "NPROC_PER_NODE=8" in " ".join(words)
 
 
+@pytest.mark.e2e
 def test_cpu_nodes_need_tasks_per_node_and_get_no_gpu_option():
     assert submit("pretrain", "--config", RECIPE, "--gpus-per-node", "0", "--dry-run").returncode == 2
     words = sbatch_words(submit("pretrain", "--config", RECIPE, "--gpus-per-node", "0", "--tasks-per-node", "2",
@@ -57,6 +62,7 @@ def test_cpu_nodes_need_tasks_per_node_and_get_no_gpu_option():
     assert "--ntasks-per-node=2" in words and not any(w.startswith("--gpus") for w in words)
 
 
+@pytest.mark.e2e
 def test_a_config_error_stops_before_submitting():
     result = submit("pretrain", "--config", RECIPE, "optim.lrr=1", "--dry-run")
     assert result.returncode == 2
@@ -65,6 +71,7 @@ def test_a_config_error_stops_before_submitting():
     assert result.returncode != 0 and "both empty" in result.stderr
 
 
+@pytest.mark.e2e
 def test_engine_dist_prints_the_rendezvous_of_the_job():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     env.update(SLURM_JOB_ID="123457", SLURM_JOB_NODELIST="gpu-[007-008,010]", PYTHONPATH=str(ROOT))

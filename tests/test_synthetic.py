@@ -176,6 +176,7 @@ def test_generation_says_what_it_is_doing(tmp_path, caplog):
     assert not [record for record in caplog.records if record.name == "datasets.synthetic.motion"]
 
 
+@pytest.mark.e2e
 def test_cli_prints_a_summary(tmp_path):
     command = [sys.executable, str(ROOT / "run_scripts/make_synthetic.py"), "--out", str(tmp_path),
                "--num-videos", "6", "--num-classes", "3", "--frames", "8", "--size", "32", "--workers", "1"]

@@ -13,13 +13,10 @@ import torch
 from engine.checkpoint import complete_steps
 from engine.frozen import load_tokenizer
 from models.tokenizer import TokenizerConfig, VQTokenizer, code_statistics
-from test_finetune import data_root  # noqa: F401  (fixture: synthetic videos)
-from test_pretrain import kill_after_checkpoint, losses
+from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, kill_after_checkpoint, losses, run
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "run_scripts" / "tokenizer.py"
-RECIPE = ROOT / "run_scripts" / "configs" / "tokenizer" / "tiny_cpu.yaml"
-SPEC = "{num_videos: 40, frames: 16, num_classes: 4}"
+RECIPE = CONFIGS / "tokenizer" / "tiny_cpu.yaml"
 TINY = TokenizerConfig(channels=[8, 16, 16], codebook_size=32, code_dim=8)
 
 
@@ -48,18 +45,13 @@ def test_code_statistics_count_the_codes():
 
 
 def command(out: Path, data_root: Path, *overrides: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), "--config", str(RECIPE), f"run.output_dir={out}", f"data.root={data_root}",
-            f"data.synthetic={SPEC}", "model.channels=[8,16,16]", "model.codebook_size=32", "model.code_dim=8",
+    return entry_command("tokenizer.py", RECIPE, out, f"data.root={data_root}", f"data.synthetic={SYNTHETIC}",
+            "model.channels=[8,16,16]", "model.codebook_size=32", "model.code_dim=8",
             "clip.num_frames=2", "clip.img_size=32", "batch.micro_batch=4", "batch.num_workers=0", "optim.epochs=2",
-            "run.log_every=1", "run.save_every_epochs=1", "run.vis_every_epochs=1", *overrides]
+            "run.log_every=1", "run.save_every_epochs=1", "run.vis_every_epochs=1", *overrides)
 
 
-def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
+@pytest.mark.e2e
 def test_training_resumes_exactly_after_kill_9_and_exports_the_codebook(tmp_path, data_root):
     reference = tmp_path / "reference"
     run(command(reference, data_root, "run.save_every_steps=3"))
@@ -84,6 +76,7 @@ def test_training_resumes_exactly_after_kill_9_and_exports_the_codebook(tmp_path
     assert (reference / "vis" / "epoch_0002.png").is_file()
 
 
+@pytest.mark.e2e
 def test_a_collapsed_codebook_is_reported_loudly(tmp_path, data_root):
     result = run(command(tmp_path / "collapsed", data_root, "optim.epochs=1", "model.codebook_size=4096",
                          "model.dead_code_threshold=0", "collapse.min_code_usage=0.9"))
@@ -156,6 +149,7 @@ def test_token_targets_are_cross_entropy_on_the_hidden_positions_and_the_tokeniz
     assert all(torch.equal(v, tokenizer_state[k]) for k, v in tokenizer.state_dict().items())
 
 
+@pytest.mark.e2e
 def test_pretraining_on_tokens_trains_without_saving_the_tokenizer(tmp_path, data_root):
     tokenizer_run = tmp_path / "tokenizer"
     run(command(tokenizer_run, data_root, "optim.epochs=1", "clip.img_size=64", "run.vis_every_epochs=0"))
@@ -164,7 +158,7 @@ def test_pretraining_on_tokens_trains_without_saving_the_tokenizer(tmp_path, dat
     result = subprocess.run(
         [sys.executable, str(ROOT / "run_scripts" / "pretrain.py"), "--config",
          str(ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"), f"run.output_dir={out}",
-         f"data.root={data_root}", f"data.synthetic={SPEC}", "batch.micro_batch=8", "batch.num_workers=0",
+         f"data.root={data_root}", f"data.synthetic={SYNTHETIC}", "batch.micro_batch=8", "batch.num_workers=0",
          "optim.epochs=1", "optim.warmup_epochs=0", "run.vis_every_epochs=0", "run.log_every=1",
          "model.target.kind=tokens", f"model.target.tokenizer={tokenizer_run / 'weights.pt'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -18,6 +18,7 @@ from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import Failure
 from engine.checkpoint import complete_steps
 from engine.unreadable import FILE_NAME, HEADER, UnreadableLog, read_unreadable
+from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "run_scripts" / "configs" / "pretrain" / "tiny_cpu.yaml"
@@ -134,9 +135,9 @@ def pretrain_command(out: Path, data, *overrides: str, launcher=(sys.executable,
             "optim.epochs=2", "optim.warmup_epochs=1", "run.log_every=1", "run.vis_every_epochs=0", *overrides]
 
 
-def run(cmd: list[str]) -> str:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def output_of(cmd: list[str]) -> str:
+    """What a successful run of ``cmd`` printed, standard output then standard error."""
+    result = run(cmd)
     return result.stdout + result.stderr
 
 
@@ -186,6 +187,7 @@ def running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.e2e
 def test_one_rank_trains_through_all_failed_micro_batches(tmp_path, data):
     """Seed 2, two micro-batches of one video per step: at step 7 both failed (a zero gradient, no loss shown); at
     steps 1, 13, 14 and 15 one of them did (the other one's loss shown)."""
@@ -193,13 +195,14 @@ def test_one_rank_trains_through_all_failed_micro_batches(tmp_path, data):
     steps = plan(seed=2, world=1, micro=1, accum=2, epochs=2)
     assert [s for s, (micro_batches,) in steps.items() if all(map(all_failed, micro_batches))] == [7]
     out = tmp_path / "one"
-    log = run(pretrain_command(out, data, "run.seed=2", "batch.grad_accum=2"))
+    log = output_of(pretrain_command(out, data, "run.seed=2", "batch.grad_accum=2"))
     check_run(out, log, steps, bad, epochs=2)
     assert complete_steps(out)[-1] == 16
     weights = torch.load(out / "weights.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.e2e
 def test_two_ranks_zero3_kill_and_resume_keep_the_list_and_the_count(tmp_path, data):
     """ZeRO-3 gathers parameters in every forward and backward: a rank that skipped its all-failed micro-batch would
     hang the other (the timeout would fail this test). Seed 0: one rank's micro-batch fails at steps 4, 5, 6 and 9,
@@ -226,12 +229,13 @@ def test_two_ranks_zero3_kill_and_resume_keep_the_list_and_the_count(tmp_path, d
     killed = (tmp_path / "killed.log").read_text()
     assert len(read_unreadable(out)) == 3  # the first epoch named every bad file
 
-    resumed = run(pretrain_command(out, data, *overrides, launcher=TORCHRUN))
+    resumed = output_of(pretrain_command(out, data, *overrides, launcher=TORCHRUN))
     assert f"resumed from step {resumed_from}" in resumed
     assert "unreadable video" not in resumed  # step 16's videos were named before the kill
     check_run(out, killed + resumed, steps, bad, epochs=2)
 
 
+@pytest.mark.e2e
 def test_fine_tuning_with_mixup_trains_through_failed_micro_batches(tmp_path, data):
     """Two videos per micro-batch and mixup/cutmix, which pair clips, with an EMA. Seed 6: at step 2 both videos
     failed (blank clips, zero weight); at step 3 one did (its one clip paired with itself)."""
@@ -239,7 +243,7 @@ def test_fine_tuning_with_mixup_trains_through_failed_micro_batches(tmp_path, da
     steps = plan(seed=6, world=1, micro=2, accum=1, epochs=1)
     assert {s: sum(i in BAD for i in mb) for s, ((mb,),) in steps.items() if set(mb) & set(BAD)} == {2: 2, 3: 1}
     out = tmp_path / "finetune"
-    log = run([sys.executable, str(ROOT / "run_scripts" / "finetune.py"), "--config", str(FINETUNE),
+    log = output_of([sys.executable, str(ROOT / "run_scripts" / "finetune.py"), "--config", str(FINETUNE),
                f"run.output_dir={out}", f"data.root={root}", "data.synthetic=null", f"data.train_list={listing}",
                "model.num_classes=4", "data.num_classes=4", "batch.micro_batch=2", "optim.epochs=1",
                "optim.warmup_epochs=0", "mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0", "ema.decay=0.9",

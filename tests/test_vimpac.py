@@ -21,11 +21,8 @@ from models.masking import MaskConfig, block_union_mask, build_mask_generator
 from models.tokenizer import TokenizerConfig, VQTokenizer
 from models.vimpac import (VIMPAC, ContrastiveHeadConfig, TokenHead, TokenViT, VimpacModelConfig, special_ids,
                            vimpac_encoder)
-from test_finetune import data_root  # noqa: F401  (fixture: synthetic videos)
-from test_pretrain import kill_after_checkpoint, losses
+from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, kill_after_checkpoint, losses, run
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = "{num_videos: 40, frames: 16, num_classes: 4}"
 TINY_TOKENIZER = TokenizerConfig(channels=[8, 16, 16], codebook_size=32, code_dim=8)  # 8-pixel cells, 32 codes
 
 
@@ -231,20 +228,14 @@ def test_the_config_says_what_is_wrong(tokenizer_path):
 
 
 def command(out: Path, data_root: Path, tokenizer: Path, *overrides: str, launcher=(sys.executable,)) -> list[str]:
-    return [*launcher, str(ROOT / "run_scripts" / "vimpac.py"), "--config",
-            str(ROOT / "run_scripts" / "configs" / "vimpac" / "tiny_cpu.yaml"), f"run.output_dir={out}",
-            f"data.root={data_root}", f"data.synthetic={SPEC}", f"model.tokenizer={tokenizer}",
+    return entry_command("vimpac.py", CONFIGS / "vimpac" / "tiny_cpu.yaml", out, f"data.root={data_root}",
+            f"data.synthetic={SYNTHETIC}", f"model.tokenizer={tokenizer}",
             "model.encoder.num_frames=4", "model.encoder.img_size=32", "mask.block_count=2", "batch.micro_batch=4",
             "batch.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=1", "run.log_every=1",
-            "run.save_every_epochs=1", *overrides]
+            "run.save_every_epochs=1", *overrides, launcher=launcher)
 
 
-def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
+@pytest.mark.e2e
 def test_pretraining_resumes_exactly_after_kill_9(tmp_path, data_root, tokenizer_path):
     reference = tmp_path / "reference"
     run(command(reference, data_root, tokenizer_path, "run.save_every_steps=3"))
@@ -264,6 +255,7 @@ def test_pretraining_resumes_exactly_after_kill_9(tmp_path, data_root, tokenizer
     assert "contrastive_head.1.running_mean" in a and not any("quantizer" in k for k in a)
 
 
+@pytest.mark.e2e
 def test_two_ranks_zero3_bf16_with_every_parameter_partitioned(tmp_path, data_root, tokenizer_path):
     """ZeRO-3 keeps parameters under its persistence threshold whole; at 0 every one is partitioned, so a parameter
     read outside its module's forward (the tied token-head weight, the [CLS] vectors) would be found empty."""
@@ -280,6 +272,7 @@ def test_two_ranks_zero3_bf16_with_every_parameter_partitioned(tmp_path, data_ro
     assert all(0 < loss < 10 for loss in losses(out).values())
 
 
+@pytest.mark.e2e
 def test_a_vimpac_checkpoint_fine_tunes_predicts_and_is_probed(tmp_path, data_root, tokenizer_path):
     pretrain = tmp_path / "pretrain"
     run(command(pretrain, data_root, tokenizer_path, "optim.epochs=1", "contrastive.weight=0", "batch.repeats=1",
@@ -290,7 +283,7 @@ def test_a_vimpac_checkpoint_fine_tunes_predicts_and_is_probed(tmp_path, data_ro
     finetune = tmp_path / "finetune"
     result = run([sys.executable, str(ROOT / "run_scripts" / "finetune.py"), "--config",
                   str(ROOT / "run_scripts" / "configs" / "finetune" / "vimpac_tiny_cpu.yaml"),
-                  f"run.output_dir={finetune}", f"data.root={data_root}", f"data.synthetic={SPEC}",
+                  f"run.output_dir={finetune}", f"data.root={data_root}", f"data.synthetic={SYNTHETIC}",
                   f"model.tokenizer={tokenizer_path}", f"model.init={pretrain / 'weights.pt'}", "model.num_classes=4",
                   "data.num_classes=4", "model.encoder.num_frames=4", "model.encoder.img_size=32",
                   "data.eval_augment.short_side=32", "batch.micro_batch=4", "batch.num_workers=0", "optim.epochs=1",
@@ -331,6 +324,7 @@ def test_the_256_pixel_continuation_starts_from_the_128_pixel_model():
         tiny_model(depth=3).load_pretraining(weights)
 
 
+@pytest.mark.e2e
 def test_the_entry_point_names_a_missing_tokenizer(tmp_path, data_root):
     result = subprocess.run(command(tmp_path / "run", data_root, Path("x")) + ['model.tokenizer=""'], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
