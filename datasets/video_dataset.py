@@ -17,9 +17,9 @@ from typing import Literal, Optional
 import torch
 from torch.utils.data import Dataset
 
-from datasets.annotations import AnnotationFormat, VideoRecord, read_annotations
+from datasets.annotations import AnnotationError, AnnotationFormat, VideoRecord, read_annotations
 from datasets.decode import VideoReadError, open_video
-from datasets.synthetic.motion import SyntheticSpec, ensure_synthetic_dataset
+from datasets.synthetic.motion import SyntheticSpec, is_complete
 from datasets.sampling import (
     clip_span,
     multiview_segment_indices,
@@ -294,12 +294,15 @@ def load_records(cfg: DataConfig, split: Literal["train", "val", "test"]) -> lis
     """The records of a split; a folder given as ``train_list`` is scanned for videos (unlabeled). The test
     split is ``test_list``, or ``val_list`` when that is empty.
 
-    With ``cfg.synthetic`` the built-in dataset is generated into ``cfg.root`` first if it is not there yet.
+    With ``cfg.synthetic`` the lists default to those of the built-in dataset in ``cfg.root``, which must have been
+    generated first (``engine.data.prepare_synthetic``, the set-up step of every entry point): reading never writes.
     """
     lists = {"train": cfg.train_list, "val": cfg.val_list, "test": cfg.test_list or cfg.val_list}
     path = lists[split]
     if cfg.synthetic is not None:
-        ensure_synthetic_dataset(cfg.root, cfg.synthetic)
+        if not is_complete(cfg.root, cfg.synthetic):
+            raise AnnotationError(f"data.synthetic is set, but {cfg.root} holds no complete synthetic dataset of that "
+                                  "spec: an entry point generates it before reading it (engine.data.prepare_synthetic)")
         path = path or os.path.join(cfg.root, "train.csv" if split == "train" else "val.csv")
     if not path:
         raise ValueError(f"data.{'train' if split == 'train' else 'val'}_list is not set")

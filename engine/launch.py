@@ -28,6 +28,7 @@ import yaml
 from datasets.annotations import AnnotationError
 from engine import preempt
 from engine.config import ConfigError, derive, load_config, to_dict
+from engine.data import prepare_synthetic
 from engine.dist import cleanup, init_distributed, setup_logging
 
 log = logging.getLogger("launch")
@@ -145,6 +146,7 @@ def launch(task_cls: type, argv: Optional[Sequence[str]] = None, *, doc: str = "
     setup_logging(info.rank)
     configure_cuda_math(cfg.run.tf32)
     try:
+        prepare_synthetic(getattr(cfg, "data", None))  # the recipe's set-up: built-in data generated before it is read
         if instead_of_training is not None:
             code = instead_of_training(cfg, flags, info)
             if code is not None:

@@ -23,7 +23,7 @@ from datasets.video_dataset import collate_clips, model_input  # noqa: E402
 from engine.checkpoint import read_checkpoint  # noqa: E402
 from engine.launch import USER_ERRORS, entry_parser, parse_command_line, user_error  # noqa: E402
 from engine.eval.pictures import save_reconstructions  # noqa: E402
-from engine.data import train_clips  # noqa: E402
+from engine.data import prepare_synthetic, train_clips  # noqa: E402
 from engine.tasks.pretrain import PretrainTask, build_model_and_masks  # noqa: E402
 from models.convert import load_into_pretrain  # noqa: E402
 
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         load_into_pretrain(model, read_checkpoint(flags.weights))
     except ValueError as error:  # the checkpoint does not fit the recipe's model: the message says what to set
         raise SystemExit(f"cannot load {flags.weights}: {error}") from None
+    prepare_synthetic(cfg.data)
     dataset = train_clips(cfg.data, cfg.model.encoder, cfg.batch.repeats, cfg.run.seed)
     batch = collate_clips([dataset[i] for i in range(min(flags.videos, len(dataset)))])
     if batch["video"] is None:

@@ -130,3 +130,18 @@ def test_subtracting_the_clip_mean_removes_what_stays_still_and_keeps_what_moves
     assert torch.allclose(moving, plain - plain.mean(dim=2, keepdim=True))
     assert moving[0, :, :, 2, 2].abs().max() < 1e-6 and moving[0, :, :, 0, 7].abs().max() < 1e-6
     assert moving[0, 0, 0, 5, 0] > 0 and moving[0, 0, 1, 5, 0] < 0  # the mover left pixel (5, 0) after t = 0
+
+
+def test_reading_a_split_of_the_built_in_dataset_never_generates_it(tmp_path):
+    """Generation is the entry point's set-up step (engine.data.prepare_synthetic); a read of a folder without
+    the dataset names the folder and writes nothing."""
+    from datasets.annotations import AnnotationError
+    from datasets.synthetic.motion import SyntheticSpec
+    from engine.data import prepare_synthetic
+
+    data = DataConfig(root=str(tmp_path / "built_in"), synthetic=SyntheticSpec(num_videos=8, frames=8, num_classes=2))
+    with pytest.raises(AnnotationError, match="holds no complete synthetic dataset"):
+        load_records(data, "train")
+    assert not (tmp_path / "built_in").exists()
+    prepare_synthetic(data)
+    assert len(load_records(data, "train")) + len(load_records(data, "val")) == 8

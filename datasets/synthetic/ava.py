@@ -67,7 +67,6 @@ moves nothing else, and equal specs give byte-identical files (the JPEG encoder 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -80,6 +79,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.files import atomic_path, partial_path, write_text_atomic
+from datasets.synthetic import folder
 from datasets.video_io import write_video
 
 log = logging.getLogger(__name__)
@@ -579,7 +579,7 @@ def label_map_text() -> str:
 
 # ---- the dataset on disk ------------------------------------------------------------------------------------------
 
-META = "meta.json"
+META = folder.MARKER
 ANNOTATIONS = {
     "train_csv": "ava_train_v2.2.csv",
     "val_csv": "ava_val_v2.2.csv",
@@ -632,12 +632,6 @@ def dataset_paths(root: str | os.PathLike) -> SyntheticAVAPaths:
                              meta=root / META, **{key: annotations / name for key, name in ANNOTATIONS.items()})
 
 
-def _write_lines(path: Path, lines: list[str]) -> None:
-    # Not synced, like the frames: one sync per file would slow generation, and a dataset left incomplete is
-    # regenerated from its spec (the marker is only written once everything else is in place).
-    write_text_atomic(path, "".join(line + "\n" for line in lines), fsync=False)
-
-
 def _write_video(paths: SyntheticAVAPaths, plan: VideoPlan) -> None:
     frames = render_frames(plan)
     folder = paths.frames_dir / plan.video_id
@@ -650,16 +644,11 @@ def _write_video(paths: SyntheticAVAPaths, plan: VideoPlan) -> None:
         write_video(str(paths.video_path(plan.video_id)), frames, plan.spec.fps, crf=18, gop=2 * plan.spec.fps)
 
 
-def _spec_json(spec: SyntheticAVASpec) -> dict:
-    """The spec as it reads back from meta.json (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(spec)))
-
-
 def _meta(spec: SyntheticAVASpec, splits: dict[str, list[int]], counts: dict) -> dict:
     """The completion marker's content: everything that identifies the dataset, nothing run-dependent."""
     return {
         "generator_version": GENERATOR_VERSION,
-        "spec": _spec_json(spec),
+        "spec": folder.spec_json(spec),
         "layout": "frames/<video_id>/<video_id>_%06d.jpg, 1-based; frame n shows second 900 + (n - 1) / fps",
         "fps": spec.fps,
         "first_second": AVA_FIRST_SECOND,
@@ -681,21 +670,10 @@ def _expected_files(paths: SyntheticAVAPaths, spec: SyntheticAVASpec) -> list[Pa
     return files
 
 
-def _read_meta(paths: SyntheticAVAPaths) -> dict | None:
-    try:
-        return json.loads(paths.meta.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def is_complete(root: str | os.PathLike, spec: SyntheticAVASpec) -> bool:
     """Whether ``root`` holds a finished dataset of exactly ``spec`` by this generator version, every file there."""
     paths = dataset_paths(root)
-    meta = _read_meta(paths)
-    return (meta is not None
-            and meta.get("generator_version") == GENERATOR_VERSION
-            and meta.get("spec") == _spec_json(spec)
-            and all(path.is_file() for path in _expected_files(paths, spec)))
+    return folder.is_complete(paths.root, GENERATOR_VERSION, spec, _expected_files(paths, spec))
 
 
 def _clear_previous_output(paths: SyntheticAVAPaths) -> None:
@@ -703,26 +681,17 @@ def _clear_previous_output(paths: SyntheticAVAPaths) -> None:
 
     Only files this generator writes, or their temporary names, are removed: never anything else in ``root``.
     """
-    paths.meta.unlink(missing_ok=True)  # first: from here on the folder reads as incomplete
+    folder.invalidate(paths.root)
     for name in (META, *(f"annotations/{name}" for name in ANNOTATIONS.values())):
         for path in (paths.root / name, partial_path(paths.root / name)):
             path.unlink(missing_ok=True)
-    if paths.videos_dir.is_dir():
-        ours = re.compile(rf"{VIDEO_ID.pattern}(\.partial)?\.mp4")
-        for path in paths.videos_dir.iterdir():
-            if ours.fullmatch(path.name):
-                path.unlink()
+    folder.remove_matching(paths.videos_dir, re.compile(rf"{VIDEO_ID.pattern}(\.partial)?\.mp4"),
+                           remove_if_empty=False)
     if not paths.frames_dir.is_dir():
         return
-    for folder in paths.frames_dir.iterdir():
-        if not (folder.is_dir() and VIDEO_ID.fullmatch(folder.name)):
-            continue
-        ours = re.compile(rf"\.?{re.escape(folder.name)}_\d{{6}}\.jpg(\.partial)?")
-        for path in folder.iterdir():
-            if ours.fullmatch(path.name):
-                path.unlink()
-        if not any(folder.iterdir()):
-            folder.rmdir()
+    for frames in paths.frames_dir.iterdir():
+        if frames.is_dir() and VIDEO_ID.fullmatch(frames.name):
+            folder.remove_matching(frames, re.compile(rf"\.?{re.escape(frames.name)}_\d{{6}}\.jpg(\.partial)?"))
 
 
 def make_synthetic_ava(root: str | os.PathLike, spec: SyntheticAVASpec | None = None) -> SyntheticAVAPaths:
@@ -749,9 +718,9 @@ def make_synthetic_ava(root: str | os.PathLike, spec: SyntheticAVASpec | None = 
             detections += found.rows
             missed += len(found.missed)
             boxes += plan.num_actors * spec.seconds
-        _write_lines(getattr(paths, f"{name}_csv"), truth)
-        _write_lines(getattr(paths, f"{name}_detections"), detections)
-        _write_lines(getattr(paths, f"{name}_excluded"),
+        folder.write_lines(getattr(paths, f"{name}_csv"), truth)
+        folder.write_lines(getattr(paths, f"{name}_detections"), detections)
+        folder.write_lines(getattr(paths, f"{name}_excluded"),
                      [f"{video},{second:04d}" for video, second in excluded_keyframes(spec, name)])
         actions = [int(line.rsplit(",", 2)[1]) for line in truth]
         counts["videos"][name] = len(indices)
@@ -762,8 +731,7 @@ def make_synthetic_ava(root: str | os.PathLike, spec: SyntheticAVASpec | None = 
         counts["missed"][name] = missed
         counts["actions"][name] = {str(action): actions.count(action) for action in ACTIONS}
     write_text_atomic(paths.label_map, label_map_text(), fsync=False)
-    write_text_atomic(paths.meta, json.dumps(_meta(spec, splits, counts), indent=2, sort_keys=True) + "\n",
-                      fsync=False)  # last: the marker
+    folder.write_marker(paths.root, _meta(spec, splits, counts))
     seconds = time.perf_counter() - start
     log.info("synthetic AVA dataset done in %.1f s (%d train, %d val videos in %s)", seconds,
              len(splits["train"]), len(splits["val"]), paths.root)

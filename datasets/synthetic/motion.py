@@ -56,7 +56,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import json
 import logging
 import math
 import multiprocessing
@@ -69,7 +68,8 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.files import partial_path, write_text_atomic
+from datasets.files import partial_path
+from datasets.synthetic import folder
 from datasets.video_io import write_video
 
 log = logging.getLogger(__name__)
@@ -672,13 +672,6 @@ def split_indices(spec: SyntheticSpec) -> dict[str, list[int]]:
     return {name: sorted(indices) for name, indices in splits.items()}
 
 
-def _write_text(path: Path, lines: list[str]) -> None:
-    """Write atomically (temporary name, then rename): a reader never sees half a file."""
-    # Not synced, like the videos: one sync per file would slow generation, and a dataset that reads incomplete
-    # is generated again from its spec.
-    write_text_atomic(path, "".join(line + "\n" for line in lines), fsync=False)
-
-
 def _list_lines(spec: SyntheticSpec, indices: list[int]) -> list[str]:
     return [f"{relative_path(spec, index)} {label_of(spec, index)}" for index in indices]
 
@@ -691,7 +684,7 @@ def _meta(spec: SyntheticSpec, splits: dict[str, list[int]]) -> dict:
     }
     return {
         "generator_version": GENERATOR_VERSION,
-        "spec": dataclasses.asdict(spec),
+        "spec": folder.spec_json(spec),
         "class_names": list(spec.class_names),
         "layout": "videos/<class_name>/<index:06d>.mp4; lists: '<relative path> <label>'",
         "crf": VIDEO_CRF,
@@ -699,6 +692,8 @@ def _meta(spec: SyntheticSpec, splits: dict[str, list[int]]) -> dict:
         "per_class": per_class,
     }
 
+
+LISTS = ("train.csv", "val.csv", "labels.txt")  # what the marker vouches for besides the videos
 
 # A finished video, its temporary name while written (datasets.files.partial_path with keep_suffix), and the
 # temporary name earlier versions used, so that a killed older generation is cleared too.
@@ -710,19 +705,12 @@ def _clear_previous_output(out_dir: Path) -> None:
 
     Only files this generator writes are removed, never anything else a user may have put in ``out_dir``.
     """
-    (out_dir / "meta.json").unlink(missing_ok=True)  # first: from here on the directory reads as incomplete
-    for name in ("train.csv", "val.csv", "labels.txt"):
+    folder.invalidate(out_dir)
+    for name in LISTS:
         for path in (out_dir / name, partial_path(out_dir / name), out_dir / f"{name}.partial"):  # last: older name
             path.unlink(missing_ok=True)
     for class_name in CLASS_NAMES:
-        class_dir = out_dir / "videos" / class_name
-        if not class_dir.is_dir():
-            continue
-        for path in class_dir.iterdir():
-            if _OUR_VIDEO.fullmatch(path.name):
-                path.unlink()
-        if not any(class_dir.iterdir()):
-            class_dir.rmdir()
+        folder.remove_matching(out_dir / "videos" / class_name, _OUR_VIDEO)
 
 
 def _summary(out_dir: Path, meta: dict, seconds: float, generated: bool) -> dict:
@@ -762,32 +750,21 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec = Syn
 
     _write_all_clips(spec, out_dir, workers, start)
     splits = split_indices(spec)
-    _write_text(out_dir / "labels.txt", list(spec.class_names))
+    folder.write_lines(out_dir / "labels.txt", spec.class_names)
     for name, indices in splits.items():
-        _write_text(out_dir / f"{name}.csv", _list_lines(spec, indices))
+        folder.write_lines(out_dir / f"{name}.csv", _list_lines(spec, indices))
     meta = _meta(spec, splits)
-    _write_text(out_dir / "meta.json", [json.dumps(meta, indent=2, sort_keys=True)])  # last: the marker
+    folder.write_marker(out_dir, meta)
     seconds = time.perf_counter() - start
     log.info("synthetic dataset done in %.1f s (%d train, %d val videos in %s)", seconds, len(splits["train"]),
              len(splits["val"]), out_dir)
     return _summary(out_dir, meta, seconds, generated=True)
 
 
-def _read_meta(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def is_complete(out_dir: str | os.PathLike, spec: SyntheticSpec) -> bool:
     """Whether ``out_dir`` holds a finished dataset generated for exactly ``spec`` by this generator version."""
     out_dir = Path(out_dir)
-    meta = _read_meta(out_dir)
-    return (meta is not None
-            and meta.get("generator_version") == GENERATOR_VERSION
-            and meta.get("spec") == dataclasses.asdict(spec)
-            and all((out_dir / name).is_file() for name in ("train.csv", "val.csv", "labels.txt")))
+    return folder.is_complete(out_dir, GENERATOR_VERSION, spec, [out_dir / name for name in LISTS])
 
 
 def ensure_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | None = None,
@@ -800,5 +777,5 @@ def ensure_synthetic_dataset(out_dir: str | os.PathLike, spec: SyntheticSpec | N
     spec = dataclasses.replace(spec or SyntheticSpec(), **params)
     out_dir = Path(out_dir)
     if is_complete(out_dir, spec):
-        return _summary(out_dir, _read_meta(out_dir), 0.0, generated=False)
+        return _summary(out_dir, folder.read_marker(out_dir), 0.0, generated=False)
     return make_synthetic_dataset(out_dir, spec, workers)

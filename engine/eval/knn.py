@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets.video_dataset import DataConfig, EvalClips, collate_clips, model_input
+from datasets.video_dataset import DataConfig, EvalClips, collate_clips, load_records, model_input
 from engine import ds
 from engine.config import require
-from engine.data import read_split
 from engine.dist import all_gather_objects, get_rank, get_world_size
 from engine.eval.features import FeatureSplit
 from engine.eval.lockstep import forwards_in_lockstep
@@ -75,7 +74,7 @@ class KNNMonitor:
 
     def _clips(self) -> tuple[EvalClips, EvalClips]:
         if self._sets is None:
-            self._sets = tuple(EvalClips(read_split(self.data, split), self.data, clip_len=self.clip_len,
+            self._sets = tuple(EvalClips(load_records(self.data, split), self.data, clip_len=self.clip_len,
                                          size=self.size, temporal_views=1) for split in ("train", "val"))
             if any(r.label is None or r.label < 0 for s in self._sets for r in s.records):
                 raise ValueError("the k-NN monitor needs labelled lists (knn.train_list / knn.val_list)")

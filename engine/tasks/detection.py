@@ -22,11 +22,9 @@ import torch
 from datasets.ava.dataset import AVAKeyframes, collate_keyframes
 from datasets.ava.files import read_excluded_timestamps, read_label_map
 from datasets.ava.splits import AVADataConfig, detected_keyframes, ground_truth, train_keyframes
-from datasets.synthetic.ava import ensure_synthetic_ava
 from datasets.video_dataset import model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, ConfigError
-from engine.data import rank_zero_first
 from engine.dist import is_main_process
 from engine.eval.detection import DetectionScores, average_precision, describe, score_keyframes, write_outputs
 from engine.loop import RunConfig
@@ -92,12 +90,6 @@ class DetectionConfig:
 # ---- data ------------------------------------------------------------------------------------------------------
 
 
-def prepare_data(data: AVADataConfig) -> None:
-    """Generate the synthetic dataset when asked for (rank 0 first)."""
-    if data.synthetic is not None:
-        rank_zero_first(ensure_synthetic_ava, data.root, data.synthetic)
-
-
 # ---- the task --------------------------------------------------------------------------------------------------
 
 
@@ -133,7 +125,6 @@ class DetectionTask(Task):
 
     def __init__(self, cfg: DetectionConfig):
         super().__init__(cfg)
-        prepare_data(cfg.data)
         self.label_map = read_label_map(cfg.data.path("label_map"))
         self._check_label_map()
         torch.manual_seed(cfg.run.seed)  # the same fresh weights on every rank and in every run
@@ -245,7 +236,6 @@ def evaluate_weights(cfg: DetectionConfig, path: str, device: torch.device) -> t
                                                                                        dict[int, str]]:
     """Score the validation keyframes with exported detector weights, without training (``detect.py
     --eval-only``); every rank calls it, each scoring its share. Returns (scores, AP, label map)."""
-    prepare_data(cfg.data)
     label_map = read_label_map(cfg.data.path("label_map"))
     model = load_trained_detector(cfg.model, path).to(device).eval()
     dataset = AVAKeyframes(cfg.data.root, detected_keyframes(cfg.data), cfg.data, train=False)

@@ -18,10 +18,9 @@ from typing import Optional
 import torch
 
 from datasets.transforms import AugmentConfig
-from datasets.video_dataset import DataConfig, TrainClips, model_input
+from datasets.video_dataset import DataConfig, TrainClips, load_records, model_input
 from engine import ds
 from engine.config import BatchConfig, require
-from engine.data import read_split
 from engine.dist import is_main_process, sum_over_ranks_
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
@@ -98,7 +97,7 @@ class TokenizerTask(Task):
         super().__init__(cfg)
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank and in every run
         self.model = VQTokenizer(cfg.model)
-        self.train_set = TrainClips(read_split(cfg.data, "train"), cfg.data, clip_len=cfg.clip.num_frames,
+        self.train_set = TrainClips(load_records(cfg.data, "train"), cfg.data, clip_len=cfg.clip.num_frames,
                                     size=cfg.clip.img_size, repeats=cfg.batch.repeats, seed=cfg.run.seed)
         self._reset_epoch()
 
