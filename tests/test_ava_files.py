@@ -399,3 +399,24 @@ def test_a_million_rows_parse_in_bulk(tmp_path, capsys):
     assert len(table) == count and table.action.max() == 80
     with capsys.disabled():
         print(f"\nread_ava_csv: {count} ground-truth rows in {elapsed:.2f} s")
+
+
+def test_a_dense_proposal_pickle_gives_the_keyframes_of_the_same_detections_csv(tmp_path):
+    """data.val_detections may be mmaction2's proposal pickle: the same boxes and scores as a detections CSV give
+    the same keyframes to score (rows under detection_min_score dropped alike)."""
+    from datasets.ava.splits import AVADataConfig, detected_keyframes
+
+    boxes = {"vid_a,0902": [[0.1, 0.2, 0.5, 0.875, 0.9375], [0.25, 0.25, 0.75, 0.75, 0.5]],
+             "vid_b,0903": [[0.0, 0.0, 1.0, 1.0, 0.875]]}
+    (tmp_path / "excluded.csv").write_text("")
+    (tmp_path / "detections.csv").write_text("".join(
+        f"{key},{','.join(str(v) for v in row[:4])},,{row[4]}\n" for key, rows in boxes.items() for row in rows))
+    pickle_file(tmp_path, {key: np.array(rows, np.float32) for key, rows in boxes.items()}, name="proposals.pkl")
+    kept = {}
+    for name in ("detections.csv", "proposals.pkl"):
+        data = AVADataConfig(root=str(tmp_path), val_detections=name, val_excluded="excluded.csv",
+                             detection_min_score=0.8)
+        kept[name] = [(k.key, k.boxes.tolist()) for k in detected_keyframes(data)]
+    assert kept["proposals.pkl"] == kept["detections.csv"]
+    assert [key for key, _ in kept["detections.csv"]] == ["vid_a,0902", "vid_b,0903"]
+    assert len(kept["detections.csv"][0][1]) == 1  # the 0.5-scored box is under the threshold

@@ -11,7 +11,7 @@ from typing import Optional
 
 from datasets.ava.dataset import AVAClipConfig, Keyframe, group_keyframes
 from datasets.ava.files import (DEFAULT_MIN_SCORE, filter_detections, keep_label_map_actions, read_ava_csv,
-                                read_excluded_timestamps)
+                                read_excluded_timestamps, read_proposals_pkl)
 from datasets.synthetic.ava import SyntheticAVASpec
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -34,7 +34,8 @@ class AVADataConfig(AVAClipConfig):
     train_excluded: str = "annotations/ava_train_excluded_timestamps_v2.2.csv"
     # validation keyframes to skip, on both the ground-truth and the detection side
     val_excluded: str = "annotations/ava_val_excluded_timestamps_v2.2.csv"
-    # person boxes of a detector on the validation keyframes: video_id,timestamp,x1,y1,x2,y2,,score
+    # person boxes of a detector on the validation keyframes: video_id,timestamp,x1,y1,x2,y2,,score; or a .pkl of
+    # dense proposals (mmaction2's ava_dense_proposals_val.FAIR.recall_93.9.pkl: {"video_id,%04d": (N, 5) array})
     val_detections: str = "annotations/ava_val_predicted_person_boxes.csv"
     # detected boxes scored below this are not evaluated (VideoMAE 0.8, SlowFast 0.9)
     detection_min_score: float = DEFAULT_MIN_SCORE
@@ -78,5 +79,7 @@ def train_keyframes(data: AVADataConfig, label_map: dict[int, str]) -> list[Keyf
 def detected_keyframes(data: AVADataConfig) -> list[Keyframe]:
     """Validation keyframes to score: the detector's boxes at or above ``detection_min_score``, excluded
     timestamps removed."""
-    table = filter_detections(read_ava_csv(data.path("val_detections"), kind="detections"), data.detection_min_score)
+    path = data.path("val_detections")
+    table = read_proposals_pkl(path) if path.suffix == ".pkl" else read_ava_csv(path, kind="detections")
+    table = filter_detections(table, data.detection_min_score)
     return group_keyframes(table, data.num_classes, read_excluded_timestamps(data.path("val_excluded")))
