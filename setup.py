@@ -30,6 +30,7 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "vector-quantize-pytorch>=1.20",  # the video tokenizer's codebook: EMA updates, dead-code restarts, commitment
+        "matplotlib>=3.7",  # the loss curve: axes, ticks and log scales a plotting library draws better
     ],
     # tensorboard: the viewer of the tb/ logs (`tensorboard --logdir runs`); dev: the test suite's extras
     # (transformers: checkpoint conversion; scikit-image: the reference HOG and its sample photographs)

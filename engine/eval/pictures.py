@@ -484,45 +484,17 @@ def use_log_scale(losses: Sequence[float], ratio: float = 3.0) -> bool:
     return max(finite) / min(finite) > ratio
 
 
-def _linear_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
-    """Round values (1-2-5 steps, whole numbers when ``integer``) covering [lo, hi], about ``count`` of them."""
-    if hi <= lo:
-        pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    step = _nice_at_least((hi - lo) / count)
-    if integer:
-        step = max(step, 1.0)
-    first = math.floor(lo / step + 1e-9)
-    last = math.ceil(hi / step - 1e-9)
-    return [float(f"{k * step:.12g}") for k in range(first, last + 1)]
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    """Decades covering [lo, hi] (> 0), with 2 and 5 between them when the range is short."""
-    first, last = math.floor(math.log10(lo) + 1e-9), math.ceil(math.log10(hi) - 1e-9)
-    mantissas = (1, 2, 5) if last - first <= 3 else (1,)
-    candidates = [float(f"{m * 10.0**e:.12g}") for e in range(first - 1, last + 1) for m in mantissas]
-    below = max(c for c in candidates if c <= lo * (1 + 1e-9))
-    above = min([c for c in candidates if c >= hi * (1 - 1e-9)] or [10.0**last])
-    return [c for c in candidates if below <= c <= above]
-
-
-def _vertical_text(text: str, font) -> Image.Image:
-    width = int(_text_width(font, text)) + 2
-    tile = Image.new("RGB", (width, _line_height(font) + 2), "white")
-    ImageDraw.Draw(tile).text((1, 0), text, fill=_TEXT, font=font)
-    return tile.rotate(90, expand=True)
-
-
 def save_loss_curve(steps: list[int], losses: list[float], path: str | os.PathLike,
                     size: tuple[int, int] = (640, 400), log_scale: Optional[bool] = None) -> Path:
-    """Training loss against the optimizer step, with labelled axes and tick values; the loss axis is
-    logarithmic when the losses span more than 3 times (``log_scale`` None: :func:`use_log_scale` decides)."""
-    width, height = size
-    font, small = _font(12), _font(10)
-    left, right, top, bottom = 78, 20, 30, 50
-    picture = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(picture)
+    """Training loss against the optimizer step, drawn by matplotlib; the loss axis is logarithmic when the losses
+    span more than 3 times (``log_scale`` None: :func:`use_log_scale` decides). Non-finite losses are left out and
+    counted in the title."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")  # files only: no display, whatever the machine has
+    from matplotlib import pyplot as plt
+
     points = [(float(s), float(v)) for s, v in zip(steps, losses) if math.isfinite(v)]
     if log_scale is None:
         log_scale = use_log_scale([v for _, v in points])
@@ -532,49 +504,28 @@ def save_loss_curve(steps: list[int], losses: list[float], path: str | os.PathLi
         title += f"; last {points[-1][1]:.4g} at step {points[-1][0]:g}"
     if len(points) < len(losses):
         title += f"; {len(losses) - len(points)} non-finite left out"
-    draw.text(((width - _text_width(font, title)) / 2, 8), title, fill=_TEXT, font=font)
-    x0, x1, y0, y1 = left, width - right, top, height - bottom  # plot area (y0 at the top)
-    draw.text(((x0 + x1 - _text_width(font, "optimizer step")) / 2, height - 20), "optimizer step",
-              fill=_TEXT, font=font)
-    label = _vertical_text("training loss" + (" (log)" if log else ""), font)
-    picture.paste(label, (4, (y0 + y1 - label.height) // 2))
-    if not points:
-        draw.rectangle([x0, y0, x1, y1], outline=_TEXT)
-        draw.text((x0 + 10, y0 + 10), "no finite loss recorded", fill=_TEXT, font=font)
-    else:
-        values = [v for _, v in points]
-        xs = [s for s, _ in points]
-        y_ticks = _log_ticks(min(values), max(values)) if log else _linear_ticks(min(values), max(values))
-        x_ticks = _linear_ticks(min(xs), max(xs), 6, integer=True)
-        fy = (lambda v: math.log10(v)) if log else (lambda v: v)
-        lo_y, hi_y = fy(y_ticks[0]), fy(y_ticks[-1])
-        lo_x, hi_x = x_ticks[0], x_ticks[-1]
-
-        def px(step: float) -> float:
-            return x0 + (step - lo_x) / ((hi_x - lo_x) or 1) * (x1 - x0)
-
-        def py(value: float) -> float:
-            return y1 - (fy(value) - lo_y) / ((hi_y - lo_y) or 1) * (y1 - y0)
-
-        for tick in y_ticks:
-            y = py(tick)
-            draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
-            draw.line([(x0 - 4, y), (x0, y)], fill=_TEXT)
-            text = f"{tick:g}"
-            draw.text((x0 - 6 - _text_width(small, text), y - 6), text, fill=_TEXT, font=small)
-        for tick in x_ticks:
-            x = px(tick)
-            draw.line([(x, y0), (x, y1)], fill=(235, 235, 235))
-            draw.line([(x, y1), (x, y1 + 4)], fill=_TEXT)
-            text = f"{tick:g}"
-            draw.text((x - _text_width(small, text) / 2, y1 + 6), text, fill=_TEXT, font=small)
-        draw.rectangle([x0, y0, x1, y1], outline=_TEXT)
-        line = [(px(s), py(v)) for s, v in points]
-        if len(line) > 1:
-            draw.line(line, fill=(31, 119, 180), width=2)
+    dpi = 100
+    figure, axes = plt.subplots(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    try:
+        if points:
+            xs, ys = zip(*points)
+            axes.plot(xs, ys, marker="o" if len(points) == 1 else None, linewidth=1.5)
         else:
-            (x, y), = line
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(31, 119, 180))
+            axes.text(0.02, 0.95, "no finite loss recorded", transform=axes.transAxes, va="top")
+        if log:
+            axes.set_yscale("log")
+            plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")  # 0.2, not 2 x 10^-1
+            axes.yaxis.set_major_formatter(plain)
+            axes.yaxis.set_minor_formatter(plain)
+        axes.set_title(title, fontsize=10)
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel("training loss" + (" (log)" if log else ""))
+        axes.grid(True, which="both", color="0.9")
+        figure.tight_layout()
+        figure.canvas.draw()
+        picture = Image.fromarray(np.asarray(figure.canvas.buffer_rgba())[..., :3])
+    finally:
+        plt.close(figure)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
