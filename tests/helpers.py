@@ -1,5 +1,6 @@
 """What many tests do: run an entry point as a user would (a subprocess in the repository root) and check how it
-ended; build its command line from a recipe and overrides; read its metrics; kill it at a chosen moment."""
+ended; build its command line from a recipe and overrides; read its metrics; kill it at a chosen moment; make a
+tiny model and give it random weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from engine.checkpoint import complete_steps
+from models.vit import ViTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # the synthetic motion dataset most end-to-end tests train on: 40 videos of 16 frames, 4 classes
@@ -68,3 +73,21 @@ def kill_after_checkpoint(process: subprocess.Popen, out: Path, checkpoint: int,
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def debug_vit(**overrides) -> ViTConfig:
+    """The tiny ViT of the unit tests: ``vit_debug`` over 8 frames of 32x32 pixels in 8x8 patches."""
+    return ViTConfig(**{"arch": "vit_debug", "num_frames": 8, "img_size": 32, "patch_size": 8, **overrides})
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values for every parameter, biases and norms included, so that a dropped, zeroed or mis-mapped weight
+    shows; the LayerNorm scales stay near 1, their usual scale."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.add_(1.0)
+    return model

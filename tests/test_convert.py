@@ -19,6 +19,7 @@ from models.convert import (  # noqa: E402
 )
 from models.videomae import DecoderConfig, PretrainModelConfig, TargetConfig, VideoMAE  # noqa: E402
 from models.vit import ClassifierConfig, ViTConfig, build_classifier  # noqa: E402
+from helpers import randomize
 
 BATCH = 2
 ATOL = 1e-5
@@ -28,16 +29,9 @@ HEAD_KEYS = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
 # ---- models ------------------------------------------------------------------------------------------------------
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values for every parameter, biases included, so that a dropped or zeroed mapping shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.add_(1.0)  # keep the norms near their usual scale
-    return model.eval()
+def eval_randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``helpers.randomize`` in eval mode: conversions are compared on inference outputs."""
+    return randomize(model, seed).eval()
 
 
 def hf_config(**overrides) -> VideoMAEConfig:
@@ -54,7 +48,7 @@ def hf_pretrain(norm_pix_loss: bool = True, seed: int = 0) -> VideoMAEForPreTrai
     # Pre-training configs on the Hub set use_mean_pooling=False: that builds the encoder's final LayerNorm.
     model = VideoMAEForPreTraining(hf_config(norm_pix_loss=norm_pix_loss, use_mean_pooling=False))
     model.decoder.norm.eps = 1e-6  # HF hard-codes the default 1e-5 here; ours uses 1e-6 everywhere
-    return randomize(model, seed)
+    return eval_randomized(model, seed)
 
 
 def hf_classifier(seed: int = 0, use_mean_pooling: bool = True) -> VideoMAEForVideoClassification:
@@ -62,7 +56,7 @@ def hf_classifier(seed: int = 0, use_mean_pooling: bool = True) -> VideoMAEForVi
     model = VideoMAEForVideoClassification(hf_config(use_mean_pooling=use_mean_pooling, num_labels=5))
     if use_mean_pooling:
         model.fc_norm.eps = 1e-6  # same hard-coded 1e-5 as the decoder norm
-    return randomize(model, seed)
+    return eval_randomized(model, seed)
 
 
 # Our pooling for each HF use_mean_pooling.
@@ -172,7 +166,7 @@ def test_hf_v4_naming_is_accepted():
 @pytest.mark.parametrize("naming", ["v4", "v5"])
 @pytest.mark.parametrize("pretrain, pool", [(True, None), (False, "mean"), (False, "first")])
 def test_round_trip_through_hf_is_exact(naming, pretrain, pool):
-    ours = randomize(ours_pretrain() if pretrain else ours_classifier(pool), seed=2)
+    ours = eval_randomized(ours_pretrain() if pretrain else ours_classifier(pool), seed=2)
     hf_sd = ours_to_hf(ours.state_dict(), pretrain=pretrain, naming=naming)
     assert not any(k.endswith("key.bias") for k in hf_sd)  # HF's key projection has no bias
     q_bias = "attention.attention.q_bias" if naming == "v4" else "attention.attention.query.bias"
@@ -187,7 +181,7 @@ def test_default_naming_follows_installed_transformers():
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
 def test_exported_pretraining_model_runs_in_hf(norm_pix_loss):
-    ours = randomize(ours_pretrain("per_channel" if norm_pix_loss else "none"), seed=3)
+    ours = eval_randomized(ours_pretrain("per_channel" if norm_pix_loss else "none"), seed=3)
     hf = hf_pretrain(norm_pix_loss, seed=4)
     hf.load_state_dict(ours_to_hf(ours.state_dict(), pretrain=True), strict=True)
     video, mask = video_and_mask(seed=5)
@@ -200,7 +194,7 @@ def test_exported_pretraining_model_runs_in_hf(norm_pix_loss):
 
 @pytest.mark.parametrize("use_mean_pooling", [True, False])
 def test_exported_classifier_runs_in_hf(use_mean_pooling):
-    ours = randomize(ours_classifier(POOL_OF_HF[use_mean_pooling]), seed=3)
+    ours = eval_randomized(ours_classifier(POOL_OF_HF[use_mean_pooling]), seed=3)
     hf = hf_classifier(seed=4, use_mean_pooling=use_mean_pooling)
     hf.load_state_dict(ours_to_hf(ours.state_dict(), pretrain=False), strict=True)
     video, _ = video_and_mask(seed=5)
@@ -258,7 +252,7 @@ def wrapped_checkpoints(sd: dict) -> dict[str, dict]:
 
 
 def test_unwrap_state_dict():
-    sd = randomize(ours_classifier()).state_dict()
+    sd = eval_randomized(ours_classifier()).state_dict()
     for name, checkpoint in wrapped_checkpoints(sd).items():
         assert_same_tensors(unwrap_state_dict(checkpoint), sd)
     with pytest.raises(ValueError, match="no state dict found"):
@@ -266,7 +260,7 @@ def test_unwrap_state_dict():
 
 
 def test_official_pretraining_checkpoint():
-    sd = randomize(ours_pretrain()).state_dict()
+    sd = eval_randomized(ours_pretrain()).state_dict()
     encoder_keys = {k for k in sd if k.startswith("encoder.")}
     pretrain_only = {k for k in sd if k.startswith("decoder.")} | {"encoder_to_decoder.weight", "mask_token"}
     for name, checkpoint in wrapped_checkpoints(sd).items():
@@ -294,7 +288,7 @@ def test_official_pretraining_checkpoint_keeps_norm_for_cls_pooling():
 
 @pytest.mark.parametrize("prefix", ["", "backbone."])
 def test_official_finetuned_checkpoint(prefix):
-    sd = randomize(ours_classifier()).state_dict()
+    sd = eval_randomized(ours_classifier()).state_dict()
     converted, report = official_to_classifier({"module": {f"{prefix}{k}": v for k, v in sd.items()}})
     assert_same_tensors(converted, sd)
     assert report.dropped == [] and report.renamed == (len(sd) if prefix else 0)

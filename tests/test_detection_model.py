@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from engine.optim import param_groups
 from models.detection import (
@@ -23,6 +22,7 @@ from models.flops import linear_flops
 from models.pos_embed import PositionEmbedding, resample_spatial, sincos_table
 from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, ViTConfig, VisionTransformer, build_classifier
+from helpers import randomize
 
 NUM_CLASSES = 5
 PATCH = 8
@@ -39,18 +39,6 @@ def tiny_detector(dropout=0.0, head_init_scale=1.0, **encoder) -> ActionDetector
     cfg = DetectorConfig(tiny_vit(**encoder), num_classes=NUM_CLASSES, dropout=dropout,
                          head_init_scale=head_init_scale)
     return ActionDetector(cfg)
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values for every parameter, norms included, so that a weight left behind shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
-        for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.weight.add_(1.0)
-    return model
 
 
 def rois(*rows) -> torch.Tensor:

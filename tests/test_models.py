@@ -24,12 +24,7 @@ from models.videomae import (
     unpatchify,
 )
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
-
-
-def debug_vit(**overrides) -> ViTConfig:
-    fields = dict(arch="vit_debug", num_frames=8, img_size=32, patch_size=8)
-    fields.update(overrides)
-    return ViTConfig(**fields)
+from helpers import debug_vit
 
 
 def fixed_count_mask(batch, num_tokens, num_masked, seed=0):

@@ -22,13 +22,8 @@ from engine.optim import (
     param_groups,
 )
 from models.videomae import PretrainModelConfig, VideoMAE
-from models.vit import ClassifierConfig, ViTConfig, build_classifier
-
-
-def debug_vit(**overrides) -> ViTConfig:
-    fields = dict(arch="vit_debug", num_frames=8, img_size=32, patch_size=8)
-    fields.update(overrides)
-    return ViTConfig(**fields)
+from models.vit import ClassifierConfig, build_classifier
+from helpers import debug_vit
 
 
 def tiny_classifier(**vit_overrides):
