@@ -250,6 +250,15 @@ def normalize(video: torch.Tensor, mean, std, dtype: torch.dtype = torch.float32
     return out.to(dtype)
 
 
+def unnormalize(normalized: torch.Tensor, mean, std) -> torch.Tensor:
+    """``normalize`` undone (its clip-mean subtraction cannot be): [0, 1] float32 pixels of normalized values whose
+    channels are dim 1 (clips B, C, T, H, W or frames B, C, H, W), for pictures."""
+    shape = (1, -1) + (1,) * (normalized.dim() - 2)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=normalized.device).view(shape)
+    std = torch.as_tensor(std, dtype=torch.float32, device=normalized.device).view(shape)
+    return normalized.float() * std + mean
+
+
 def model_input(video: torch.Tensor, cfg: DataConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """What the model sees of uint8 clips (B, C, T, H, W): ``normalize`` with the settings of ``cfg`` (any config
     with ``mean``, ``std`` and ``subtract_clip_mean``: the AVA data config has them too)."""

@@ -145,3 +145,14 @@ def test_reading_a_split_of_the_built_in_dataset_never_generates_it(tmp_path):
     assert not (tmp_path / "built_in").exists()
     prepare_synthetic(data)
     assert len(load_records(data, "train")) + len(load_records(data, "val")) == 8
+
+
+def test_unnormalize_gives_back_the_pixels_normalize_took():
+    from datasets.video_dataset import normalize, unnormalize
+
+    video = torch.randint(0, 256, (2, 3, 4, 8, 8), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    back = unnormalize(normalize(video, mean, std), mean, std)
+    torch.testing.assert_close(back, video.float() / 255, atol=1e-6, rtol=0)
+    frames = normalize(video, mean, std)[:, :, 0]  # (B, C, H, W): the channel stays dim 1
+    torch.testing.assert_close(unnormalize(frames, mean, std), video[:, :, 0].float() / 255, atol=1e-6, rtol=0)

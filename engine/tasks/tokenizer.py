@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from datasets.transforms import AugmentConfig
-from datasets.video_dataset import DataConfig, TrainClips, load_records, model_input
+from datasets.video_dataset import DataConfig, TrainClips, load_records, model_input, unnormalize
 from engine import ds
 from engine.config import BatchConfig, require
 from engine.dist import is_main_process, sum_over_ranks_
@@ -160,9 +160,7 @@ class TokenizerTask(Task):
                 reconstruction = engine.module(frames)[3]
         finally:
             engine.train()
-        mean = torch.tensor(self.cfg.data.mean, device=frames.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.cfg.data.std, device=frames.device).view(1, -1, 1, 1)
-        rows = torch.cat([frames, reconstruction.float()]) * std + mean
+        rows = unnormalize(torch.cat([frames, reconstruction.float()]), self.cfg.data.mean, self.cfg.data.std)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(rows.clamp(0, 1).cpu(), path, nrow=len(frames))
         log.info("wrote %s (top: frames, bottom: reconstructions)", path)
