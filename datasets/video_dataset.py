@@ -19,7 +19,6 @@ from torch.utils.data import Dataset
 
 from datasets.annotations import AnnotationError, AnnotationFormat, VideoRecord, read_annotations
 from datasets.decode import VideoReadError, open_video
-from datasets.synthetic.motion import SyntheticSpec, is_complete
 from datasets.sampling import (
     clip_span,
     multiview_segment_indices,
@@ -28,6 +27,7 @@ from datasets.sampling import (
     segment_indices,
     union_indices,
 )
+from datasets.synthetic.motion import SyntheticSpec, is_complete
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, build_eval_views, build_transform
 
 

@@ -4,7 +4,7 @@ Nothing in this package knows about processes, devices or precision.
 """
 
 from models.videomae import PretrainModelConfig, VideoMAE
-from models.vit import ClassifierConfig, ViTConfig, VisionTransformer, build_classifier
+from models.vit import ClassifierConfig, VisionTransformer, ViTConfig, build_classifier
 
 __all__ = [
     "ClassifierConfig",

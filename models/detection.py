@@ -23,7 +23,7 @@ from torchvision.ops import roi_align
 from models.convert import EncoderLoadReport, load_into_encoder
 from models.flops import linear_flops
 from models.pos_embed import PositionEmbedding
-from models.vit import Grid, ViTConfig, VisionTransformer
+from models.vit import Grid, VisionTransformer, ViTConfig
 
 
 @dataclass

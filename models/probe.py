@@ -29,7 +29,7 @@ from torch import nn
 
 from models.convert import EncoderLoadReport, load_into_encoder
 from models.flops import linear_flops
-from models.vit import ViTConfig, VisionTransformer
+from models.vit import VisionTransformer, ViTConfig
 
 # The pooled features of a clip, each (D,):
 #   mean         mean of the last block's tokens, before the final norm

@@ -20,7 +20,7 @@ from models.flops import linear_flops, transformer_flops
 from models.hog import HOGConfig, hog
 from models.pos_embed import PositionEmbedding
 from models.tokenizer import on_device
-from models.vit import ViTConfig, VisionTransformer, enable_checkpointing, make_blocks, run_blocks
+from models.vit import VisionTransformer, ViTConfig, enable_checkpointing, make_blocks, run_blocks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -28,14 +28,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import DropPath, Mlp
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.flops import linear_flops, transformer_flops
 from models.tokenizer import on_device
-from models.vit import Attention, Grid, ViTConfig, VisionTransformer, drop_path_rates
+from models.vit import Attention, Grid, VisionTransformer, ViTConfig, drop_path_rates
 
 
 def line_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, axis: int,

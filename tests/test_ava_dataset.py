@@ -8,9 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.ava.dataset import (AVAClipConfig, AVAKeyframes, Keyframe, clip_frame_numbers, collate_keyframes,
-                                  crop_boxes, full_frame_view, group_keyframes, jitter_boxes, keyframe_number,
-                                  train_view)
+from datasets.ava.dataset import (
+    AVAClipConfig,
+    AVAKeyframes,
+    Keyframe,
+    clip_frame_numbers,
+    collate_keyframes,
+    crop_boxes,
+    full_frame_view,
+    group_keyframes,
+    jitter_boxes,
+    keyframe_number,
+    train_view,
+)
 from datasets.ava.files import BoxTable
 from datasets.video_dataset import Failure
 

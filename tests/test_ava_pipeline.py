@@ -11,10 +11,10 @@ import torch
 
 from datasets.ava.dataset import AVAClipConfig, AVAKeyframes, collate_keyframes, group_keyframes
 from datasets.ava.files import keep_label_map_actions, read_ava_csv, read_excluded_timestamps, read_label_map
+from datasets.ava.splits import AVADataConfig
 from datasets.synthetic.ava import ensure_synthetic_ava
 from datasets.video_dataset import DataConfig, model_input
 from engine.eval.ava_map import dense_to_rows, frame_average_precision
-from datasets.ava.splits import AVADataConfig
 from engine.eval.detection import score_keyframes
 from models.detection import ActionDetector, DetectorConfig, detection_loss
 from models.vit import ViTConfig

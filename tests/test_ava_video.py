@@ -19,12 +19,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import video_corpus as corpus
 from datasets.ava.dataset import AVAClipConfig, AVAKeyframes, Keyframe, frames_at_ticks, group_keyframes
 from datasets.ava.files import read_ava_csv
 from datasets.decode import open_video
 from datasets.synthetic.ava import SyntheticAVASpec, ensure_synthetic_ava
 from datasets.video_dataset import Failure
+
+import video_corpus as corpus
 
 SPEC = SyntheticAVASpec(num_videos=4, num_val_videos=1, seconds=4)
 

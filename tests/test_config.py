@@ -16,7 +16,6 @@ from engine.config import BatchConfig, ConfigError, Derived, derive, load_config
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
 
-
 # --------------------------------------------------------------------------
 # Test-local configs
 # --------------------------------------------------------------------------

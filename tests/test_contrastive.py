@@ -1,12 +1,11 @@
 """VIMPAC's InfoNCE (engine/tasks/vimpac.py): against a direct implementation of the paper's eq. 4-5, and two gloo
 ranks of B videos against one process of 2B (loss and gradients, with DeepSpeed's averaging of gradients)."""
 
-import pytest
-
 import math
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -19,6 +19,7 @@ from models.convert import (  # noqa: E402
 )
 from models.videomae import DecoderConfig, PretrainModelConfig, TargetConfig, VideoMAE  # noqa: E402
 from models.vit import ClassifierConfig, ViTConfig, build_classifier  # noqa: E402
+
 from helpers import randomize
 
 BATCH = 2

@@ -18,6 +18,7 @@ from datasets.decode import (
     open_video,
 )
 from datasets.video_io import write_video
+
 from video_corpus import HEIGHT, WIDTH, cut, frames, remux, timestamps_in_decoding_order, trimmed_by_edit_list
 
 NUM_FRAMES, FPS = 40, 25

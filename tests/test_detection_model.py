@@ -21,7 +21,8 @@ from models.detection import (
 from models.flops import linear_flops
 from models.pos_embed import PositionEmbedding, resample_spatial, sincos_table
 from models.videomae import PretrainModelConfig, VideoMAE
-from models.vit import ClassifierConfig, ViTConfig, VisionTransformer, build_classifier
+from models.vit import ClassifierConfig, VisionTransformer, ViTConfig, build_classifier
+
 from helpers import randomize
 
 NUM_CLASSES = 5

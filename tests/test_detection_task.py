@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from datasets.ava.files import read_excluded_timestamps, read_label_map
+from datasets.ava.splits import detected_keyframes, ground_truth
 from engine.checkpoint import complete_steps
 from engine.config import load_config
-from datasets.ava.splits import detected_keyframes, ground_truth
 from engine.eval.detection import DetectionScores, average_precision, rank_batches
 from engine.tasks.detection import DetectionConfig
-from datasets.ava.files import read_excluded_timestamps, read_label_map
+
 from helpers import CONFIGS, ROOT, entry_command, losses, run
 
 RECIPE = CONFIGS / "detect" / "tiny_cpu.yaml"

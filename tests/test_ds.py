@@ -14,11 +14,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import LAUNCH_VARS
+
 from engine.config import BatchConfig, derive
-from engine.optim import OptimConfig
 from engine.ds import DeepSpeedConfig, available_templates, build_ds_config, load_template
+from engine.optim import OptimConfig
 
 # DeepSpeed 0.19.8 calls torch.distributed collectives that torch 2.14 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")

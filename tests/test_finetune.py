@@ -18,9 +18,10 @@ import yaml
 
 from engine.checkpoint import checkpoint_root, complete_steps, step_tag
 from engine.config import ConfigError, load_config
-from engine.tasks.finetune import FinetuneConfig, FinetuneMaskConfig
 from engine.optim import build_optimizer
+from engine.tasks.finetune import FinetuneConfig, FinetuneMaskConfig
 from models.vit import build_classifier
+
 from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, losses, records, run, wait_for_step
 
 RECIPE = CONFIGS / "finetune" / "tiny_cpu.yaml"

@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.flops import block_flops, linear_flops
 from models.masking import running_cell_mask, tube_mask
 from models.videomae import PretrainModelConfig, VideoMAE
-from models.vit import Attention, ClassifierConfig, ViTConfig, VisionTransformer, build_classifier
+from models.vit import Attention, ClassifierConfig, VisionTransformer, ViTConfig, build_classifier
 
 TOLERANCE = 0.02  # relative agreement required between counted and analytic FLOPs
 

@@ -253,10 +253,9 @@ def data_root(tmp_path_factory):
 def test_pinned_loading_copies_the_same_clips_to_the_gpu(data_root):
     from torch.utils.data import DataLoader
 
+    from datasets.synthetic.motion import SyntheticSpec
     from datasets.video_dataset import DataConfig, collate_clips
     from engine.data import train_clips
-
-    from datasets.synthetic.motion import SyntheticSpec
 
     data = DataConfig(root=str(data_root), synthetic=SyntheticSpec(num_videos=24, frames=16, num_classes=4),
                       num_classes=4)

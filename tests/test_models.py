@@ -24,6 +24,7 @@ from models.videomae import (
     unpatchify,
 )
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
+
 from helpers import debug_vit
 
 

@@ -12,8 +12,8 @@ from torch import nn
 from engine import checkpoint
 from engine.config import BatchConfig, ConfigError, derive, load_config
 from engine.ds import DeepSpeedConfig, build_ds_config, cpu_adam_like
-from engine.optim import OptimConfig
 from engine.optim import (
+    OptimConfig,
     Schedules,
     apply_schedules,
     build_optimizer,
@@ -23,6 +23,7 @@ from engine.optim import (
 )
 from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, build_classifier
+
 from helpers import debug_vit
 
 

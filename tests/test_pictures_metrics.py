@@ -7,9 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.eval.pictures import (
+    choose_scale,
+    reconstruction_from_prediction,
+    reconstruction_rows,
+    save_loss_curve,
+    save_reconstructions,
+    use_log_scale,
+)
 from engine.metrics import MetricsWriter, Throughput, read_metrics, utilization
-from engine.eval.pictures import (choose_scale, reconstruction_from_prediction, reconstruction_rows, save_loss_curve,
-                             save_reconstructions, use_log_scale)
 from models.masking import tube_mask
 from models.videomae import DecoderConfig, PretrainModelConfig, TargetConfig, VideoMAE
 from models.vit import ViTConfig

@@ -2,17 +2,17 @@
 clip, multi-hot labels, an unreadable item): it trains through the shared launcher and loop, checkpoints, is killed
 with SIGKILL mid-epoch and resumes to the uninterrupted run's losses and weights, bit for bit."""
 
-import pytest
-
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine.checkpoint import complete_steps
+
 from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]

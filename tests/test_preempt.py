@@ -15,8 +15,9 @@ from engine.checkpoint import complete_steps
 from engine.config import ConfigError, load_config
 from engine.preempt import PREEMPTED_EXIT_CODE, PreemptionGuard, parse_signal, requeue_slurm_job
 from engine.tasks.pretrain import PretrainConfig
-from test_pretrain import RECIPE, ROOT, command
+
 from helpers import losses, run, wait_for_step
+from test_pretrain import RECIPE, ROOT, command
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641")
 

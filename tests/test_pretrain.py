@@ -14,6 +14,7 @@ import torch
 from engine.checkpoint import MARKER, checkpoint_root, complete_steps
 from engine.config import ConfigError, load_config
 from engine.tasks.pretrain import PretrainConfig
+
 from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, kill_after_checkpoint, losses, run, wait_for_step
 
 RECIPE = CONFIGS / "pretrain" / "tiny_cpu.yaml"

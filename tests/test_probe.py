@@ -19,17 +19,18 @@ import torch
 from datasets.transforms import AugmentConfig
 from datasets.video_dataset import AugmentedViews, DataConfig, EvalClips, TrainClips, load_records, model_input
 from engine.config import ConfigError
-from engine.eval.multiview import ScoreAccumulator, summarize
 from engine.eval.features import FeatureConfig, FeatureSplit, extract_split, shard_path
-from engine.optim import OptimConfig, optimizer_over
 from engine.eval.knn import KNN, KNNConfig
+from engine.eval.multiview import ScoreAccumulator, summarize
 from engine.eval.report import choose_on_validation
 from engine.frozen import ProbeModelConfig, build_feature_encoder
+from engine.optim import OptimConfig, optimizer_over
 from engine.tasks.probe import head_param_groups, score_videos
 from models.probe import DEFAULT_POOLS as POOLS  # the pooled features of an encoder without a cls token
 from models.probe import AttentiveProbeGrid, FeatureEncoder, HeadSpec, LinearHeadGrid, head_grid, per_head_loss
 from models.videomae import PretrainModelConfig, VideoMAE
 from models.vit import ClassifierConfig, ViTConfig, build_classifier
+
 from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, run
 
 SCRIPT = ROOT / "run_scripts" / "probe.py"

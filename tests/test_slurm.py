@@ -31,6 +31,7 @@ import torch
 
 from engine.checkpoint import complete_steps
 from engine.dist import expand_hostlist, slurm_port
+
 from helpers import losses
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,13 +1,13 @@
 """run_scripts/submit.py without a cluster (--dry-run): the sbatch command it writes, and the errors it stops at
 before anything is queued; the rendezvous that train.sbatch exports (python -m engine.dist)."""
 
-import pytest
-
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(ROOT / "run_scripts" / "submit.py")]

@@ -13,6 +13,7 @@ import torch
 from engine.checkpoint import complete_steps
 from engine.frozen import load_tokenizer
 from models.tokenizer import TokenizerConfig, VQTokenizer, code_statistics
+
 from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, kill_after_checkpoint, losses, run
 
 SCRIPT = ROOT / "run_scripts" / "tokenizer.py"

@@ -18,6 +18,7 @@ from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import Failure
 from engine.checkpoint import complete_steps
 from engine.unreadable import FILE_NAME, HEADER, UnreadableLog, read_unreadable
+
 from helpers import run
 
 ROOT = Path(__file__).resolve().parents[1]

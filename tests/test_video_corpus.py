@@ -13,8 +13,9 @@ import av
 import numpy as np
 import pytest
 
-import video_corpus as corpus
 from datasets.decode import VideoReadError, inspect_stream, open_video
+
+import video_corpus as corpus
 
 BACKENDS = ["pyav", "decord"]
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.transforms import AugmentConfig
-from datasets.video_dataset import DataConfig, Failure, EvalClips, TrainClips, collate_clips, load_records
+from datasets.video_dataset import DataConfig, EvalClips, Failure, TrainClips, collate_clips, load_records
 from datasets.video_io import write_video
 
 FRAMES, HEIGHT, WIDTH = 40, 48, 64

@@ -19,8 +19,16 @@ from engine.config import load_config, to_dict
 from engine.tasks.tokenizer import TokenizerTrainConfig
 from models.masking import MaskConfig, block_union_mask, build_mask_generator
 from models.tokenizer import TokenizerConfig, VQTokenizer
-from models.vimpac import (VIMPAC, ContrastiveHeadConfig, TokenHead, TokenViT, VimpacModelConfig, special_ids,
-                           vimpac_encoder)
+from models.vimpac import (
+    VIMPAC,
+    ContrastiveHeadConfig,
+    TokenHead,
+    TokenViT,
+    VimpacModelConfig,
+    special_ids,
+    vimpac_encoder,
+)
+
 from helpers import CONFIGS, ROOT, SYNTHETIC, entry_command, kill_after_checkpoint, losses, run
 
 TINY_TOKENIZER = TokenizerConfig(channels=[8, 16, 16], codebook_size=32, code_dim=8)  # 8-pixel cells, 32 codes
@@ -90,7 +98,7 @@ def test_line_attention_is_eq_12_13_15(axis):
 
 def test_factorized_layers_train_load_and_refuse_pixels():
     from models.convert import load_into_classifier, load_into_encoder
-    from models.vit import ViTConfig, VisionTransformer
+    from models.vit import VisionTransformer, ViTConfig
 
     model = tiny_model(layout="t,h|w", norm_layout="post")
     video = torch.randn(2, 3, 4, 32, 32)

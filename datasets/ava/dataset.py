@@ -41,6 +41,7 @@ from datasets.decode import VideoReadError, open_video
 from datasets.transforms import resize_short_side
 from datasets.video_dataset import Failure
 
+
 @dataclass
 class AVAClipConfig:
     """Where the frames are and how a keyframe becomes a clip."""

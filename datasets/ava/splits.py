@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Optional
 
 from datasets.ava.dataset import AVAClipConfig, Keyframe, group_keyframes
-from datasets.ava.files import (DEFAULT_MIN_SCORE, filter_detections, keep_label_map_actions, read_ava_csv,
-                                read_excluded_timestamps, read_proposals_pkl)
+from datasets.ava.files import (
+    DEFAULT_MIN_SCORE,
+    filter_detections,
+    keep_label_map_actions,
+    read_ava_csv,
+    read_excluded_timestamps,
+    read_proposals_pkl,
+)
 from datasets.synthetic.ava import SyntheticAVASpec
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 

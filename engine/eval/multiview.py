@@ -23,6 +23,7 @@ from engine import preempt
 from engine.dist import all_gather_objects, get_rank, get_world_size, sum_over_ranks_
 from engine.eval.lockstep import forwards_in_lockstep
 
+
 class ScoreAccumulator:
     """Per-video sums of softmax probabilities and per-video view counts.
 

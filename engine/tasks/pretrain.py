@@ -17,12 +17,12 @@ from datasets.video_dataset import DataConfig, collate_clips, model_input
 from engine import ds
 from engine.config import BatchConfig
 from engine.data import train_clips
-from engine.eval.knn import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
 from engine.dist import is_main_process
+from engine.eval.knn import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
+from engine.eval.pictures import reconstruction_from_prediction, save_loss_curve
 from engine.loop import RunConfig
 from engine.metrics import read_metrics
 from engine.optim import OptimConfig
-from engine.eval.pictures import reconstruction_from_prediction, save_loss_curve
 from engine.task import Task, export_final_weights
 from models.masking import MaskConfig, build_mask_generator
 from models.videomae import PretrainModelConfig, VideoMAE

@@ -25,8 +25,8 @@ from engine import checkpoint, ds
 from engine.config import BatchConfig, ConfigError
 from engine.data import train_clips
 from engine.dist import gather_with_gradient, group_active, sum_over_ranks
-from engine.frozen import load_trained_tokenizer
 from engine.eval.knn import KNNMonitor, KNNMonitorConfig, monitor_after_epoch
+from engine.frozen import load_trained_tokenizer
 from engine.loop import RunConfig
 from engine.optim import OptimConfig
 from engine.task import Task
@@ -38,7 +38,7 @@ log = logging.getLogger("vimpac")
 
 
 # ---- the contrastive loss over the global batch ---------------------------------------------------------------
-# VIMPAC's contrastive loss over the global batch: InfoNCE between two clips of each video (paper eq. 4-5).
+# InfoNCE between two clips of each video (paper eq. 4-5).
 #
 # For clip features ``a`` (the first clip of each of this rank's videos) and ``b`` (the second), L2-normalized, every
 # clip is an anchor; its positive is the other clip of its video, its negatives every other clip of the *global* batch
