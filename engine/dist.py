@@ -428,6 +428,12 @@ def group_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def group_rank_and_size() -> tuple[int, int]:
+    """(this rank, ranks) of the process group, or (0, 1) without a group of several ranks: how work is shared out
+    before a collective combines it (the launch environment alone shares nothing: no group, no gather)."""
+    return (dist.get_rank(), dist.get_world_size()) if group_active() else (0, 1)
+
+
 def collective_device() -> torch.device:
     """Where tensors must be for the default group's collectives: the current GPU under NCCL, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

@@ -38,8 +38,18 @@ def load_trained_tokenizer(path: str, setting: str = "model.target.tokenizer") -
         raise ConfigError(f"{setting}={path}: expected the weights.pt of a run_scripts/tokenizer.py run, with "
                           f"its config.yaml beside it")
     # the run's model section alone: the architecture, whatever the tokenizer run's other settings were
-    section = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("model") or {}
-    return load_tokenizer(load_config(TokenizerConfig, section), path)
+    try:
+        run_config = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{setting}={path}: {config} is not valid yaml: {' '.join(str(err).split())}") from None
+    section = run_config.get("model") if isinstance(run_config, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"{setting}={path}: {config} has no model section: not the config of a "
+                          "run_scripts/tokenizer.py run")
+    try:
+        return load_tokenizer(load_config(TokenizerConfig, section), path)
+    except ConfigError as err:
+        raise ConfigError(f"{setting}={path}: the model section of {config}: {err}") from None
 
 
 @dataclass

@@ -274,7 +274,9 @@ class _Training:
         periodic = bool(run.save_every_steps) and state.step % run.save_every_steps == 0
         # An epoch's last step is saved by the epoch's end, with the epoch's results: one save per step.
         save_now = request is not None or (periodic and not ends_epoch)
-        self.save_at_epoch_end |= periodic and not save_now
+        if periodic and not save_now:
+            self.save_at_epoch_end = True
+            _check_finite(self.engine, self.loss.item(), state.step)  # before the epoch's end acts on the weights
         logging_step = state.step % run.log_every == 0 or state.step == total
         if logging_step or periodic or request is not None:
             state.unreadable += self.unreadable.gather()

@@ -31,7 +31,6 @@ def test_plain_python_is_rank_0_of_1_without_any_variable():
     assert detect_launch({"MASTER_PORT": "1234"}).master_port == 1234
 
 
-@pytest.mark.e2e
 def test_torchrun():
     env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "1",
            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none"}
@@ -76,7 +75,6 @@ def test_srun_prefers_the_step_over_the_job_and_explicit_master_variables():
     assert (detect_launch(env).master_addr, detect_launch(env).master_port) == ("login1", 4242)
 
 
-@pytest.mark.e2e
 def test_launcher_variables_win_over_slurm():
     """`srun torchrun ...`: one torchrun per node; its workers carry both sets of variables."""
     env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "3",
@@ -250,3 +248,15 @@ def test_two_srun_tasks_rendezvous_on_the_first_host_and_derived_port(tmp_path):
     lines = sorted(out.strip().splitlines()[-1] for out, _ in outputs)
     port = slurm_port(job_id)
     assert lines == [f"srun {r}/2 local={r} at=localhost:{port} sum=3" for r in range(2)]
+
+
+def test_work_is_shared_out_by_the_group_not_by_the_launch_variables(monkeypatch):
+    """Without a process group nothing gathers the shares afterwards: an evaluation run in a launcher's environment
+    (an sbatch job, torchrun variables in a notebook) still scores everything itself."""
+    from engine.dist import group_rank_and_size
+
+    for env in ({"RANK": "1", "WORLD_SIZE": "4"}, {"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}):
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            assert group_rank_and_size() == (0, 1)

@@ -92,7 +92,6 @@ def expected_probs(run_dir: Path, video: Path, temporal_views=None) -> torch.Ten
     return logits.softmax(dim=1).mean(dim=0)
 
 
-@pytest.mark.e2e
 def test_prints_the_view_averaged_softmax_in_descending_order(run, capsys):
     status, out, _ = call(["--weights", run / "run/weights.pt", "--video", run / "clip.mp4"], capsys)
     assert status == 0
@@ -105,7 +104,6 @@ def test_prints_the_view_averaged_softmax_in_descending_order(run, capsys):
     assert probs.max() - probs.min() > 0.05  # the check above is not trivially met by near-uniform scores
 
 
-@pytest.mark.e2e
 def test_views_labels_and_topk(run, capsys):
     argv = ["--weights", run / "run/weights.pt", "--video", run / "clip.mp4", "--config", run / "run/config.yaml",
             "--labels", run / "labels.txt", "--views", 1]
@@ -120,7 +118,6 @@ def test_views_labels_and_topk(run, capsys):
     assert sorted(name for name, _ in parse(out)) == sorted(NAMES)
 
 
-@pytest.mark.e2e
 def test_a_label_file_of_another_size_is_an_error_naming_both_counts(run, tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("a\nb\nc\n")
@@ -130,7 +127,6 @@ def test_a_label_file_of_another_size_is_an_error_naming_both_counts(run, tmp_pa
     assert "3 classes" in err and f"has {NUM_CLASSES}" in err
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("video", ["corrupt.mp4", "missing.mp4"])
 def test_an_unreadable_video_exits_1_with_the_reason(run, tmp_path, capsys, video):
     path = tmp_path / video
@@ -148,7 +144,6 @@ def pretrain_weights(directory: Path) -> Path:
     return export_weights(model.state_dict(), directory / "weights.pt")
 
 
-@pytest.mark.e2e
 def test_pretraining_weights_exit_2(run, tmp_path, capsys):
     weights = pretrain_weights(tmp_path)
     status, out, err = call(["--weights", weights, "--video", run / "clip.mp4", "--config", run / "run/config.yaml"],
@@ -161,7 +156,6 @@ def test_pretraining_weights_exit_2(run, tmp_path, capsys):
     assert status == 2 and "is a pre-training config" in err and "not fine-tuned" in err
 
 
-@pytest.mark.e2e
 def test_without_a_config_beside_the_weights_it_asks_for_one(run, tmp_path, capsys):
     weights = tmp_path / "weights.pt"
     weights.write_bytes((run / "run/weights.pt").read_bytes())

@@ -171,3 +171,17 @@ def test_pretraining_on_tokens_trains_without_saving_the_tokenizer(tmp_path, dat
     assert not any("quantizer" in k or k.startswith("tokenizer") for k in weights)
     assert weights["decoder.head.weight"].shape[0] == 2 * 32  # a tubelet's 2 frames x 1 code x 32 logits
     assert (tokenizer_run / "weights.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("text, says", [("model: [unclosed\n", "is not valid yaml"), ("- a list\n", "no model section"),
+                                        ("run: {}\n", "no model section"),
+                                        ("model: {codebook_sise: 8}\n", "the model section of")])
+def test_a_tokenizer_whose_config_is_not_a_tokenizer_runs_is_one_line(tmp_path, text, says):
+    from engine.config import ConfigError
+    from engine.frozen import load_trained_tokenizer
+
+    (tmp_path / "weights.pt").write_bytes(b"")
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=says) as error:
+        load_trained_tokenizer(str(tmp_path / "weights.pt"), "model.tokenizer")
+    assert "\n" not in str(error.value) and str(error.value).startswith("model.tokenizer=")

@@ -634,10 +634,10 @@ def dataset_paths(root: str | os.PathLike) -> SyntheticAVAPaths:
 
 def _write_video(paths: SyntheticAVAPaths, plan: VideoPlan) -> None:
     frames = render_frames(plan)
-    folder = paths.frames_dir / plan.video_id
-    folder.mkdir(parents=True, exist_ok=True)
+    frames_dir = paths.frames_dir / plan.video_id
+    frames_dir.mkdir(parents=True, exist_ok=True)
     for number, frame in enumerate(frames, 1):
-        with atomic_path(folder / frame_name(plan.video_id, number), fsync=False) as tmp:
+        with atomic_path(frames_dir / frame_name(plan.video_id, number), fsync=False) as tmp:
             Image.fromarray(frame).save(tmp, format="JPEG", quality=plan.spec.jpeg_quality)
     if plan.spec.videos:
         paths.videos_dir.mkdir(exist_ok=True)

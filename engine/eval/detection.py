@@ -20,7 +20,7 @@ from datasets.ava.dataset import AVAKeyframes, Keyframe, collate_keyframes
 from datasets.files import write_text_atomic
 from datasets.video_dataset import Failure, model_input
 from engine import preempt
-from engine.dist import all_gather_objects, get_rank, get_world_size
+from engine.dist import all_gather_objects, group_rank_and_size
 from engine.eval.ava_map import dense_to_rows, format_ap_table, frame_average_precision, write_detections_csv
 from engine.eval.lockstep import forwards_in_lockstep
 
@@ -66,7 +66,8 @@ def score_keyframes(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     forward gathers parameters from every rank): a rank with fewer batches, or with a batch that could not be
     read, runs a forward on a blank clip without boxes, so every rank calls it the same number of times.
     ``times_box_score``: each action score is multiplied by the box's detector score."""
-    batches = rank_batches(dataset.keyframes, micro_batch, get_world_size(), get_rank())
+    rank, world = group_rank_and_size()
+    batches = rank_batches(dataset.keyframes, micro_batch, world, rank)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_keyframes, num_workers=num_workers,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's

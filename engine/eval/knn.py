@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from datasets.video_dataset import DataConfig, EvalClips, collate_clips, load_records, model_input
 from engine import ds
 from engine.config import require
-from engine.dist import all_gather_objects, get_rank, get_world_size
+from engine.dist import all_gather_objects, group_rank_and_size
 from engine.eval.features import FeatureSplit
 from engine.eval.lockstep import forwards_in_lockstep
 from models.vit import ViTConfig
@@ -84,7 +84,7 @@ class KNNMonitor:
     def _features(self, encoder: torch.nn.Module, dataset: EvalClips, device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(features (n, D) L2-normalized, labels (n,), unreadable videos) of every readable clip, on every rank."""
-        world, rank, size = get_world_size(), get_rank(), self.cfg.micro_batch
+        (rank, world), size = group_rank_and_size(), self.cfg.micro_batch
         rounds = math.ceil(len(dataset) / (size * world))
         starts = [start for start in ((r * world + rank) * size for r in range(rounds)) if start < len(dataset)]
         batches = (collate_clips([dataset[i] for i in range(start, min(start + size, len(dataset)))])

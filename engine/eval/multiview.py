@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from datasets.sampler import ResumableDistributedSampler
 from datasets.video_dataset import EvalClips, collate_clips, model_input
 from engine import preempt
-from engine.dist import all_gather_objects, get_rank, get_world_size, sum_over_ranks_
+from engine.dist import all_gather_objects, group_rank_and_size, sum_over_ranks_
 from engine.eval.lockstep import forwards_in_lockstep
 
 
@@ -156,7 +156,8 @@ def score_views(forward: Callable[[torch.Tensor], torch.Tensor], dataset: EvalCl
     every rank): ranks with fewer batches, or with a batch whose videos all failed, run a forward on the dataset's
     blank item so that every rank calls it the same number of times.
     """
-    sampler = ResumableDistributedSampler(len(dataset), get_world_size(), get_rank(), shuffle=False, pad=False)
+    rank, world = group_rank_and_size()
+    sampler = ResumableDistributedSampler(len(dataset), world, rank, shuffle=False, pad=False)
     loader = DataLoader(dataset, batch_size=micro_batch, sampler=sampler, collate_fn=collate_clips,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: validation must not shift training's

@@ -117,7 +117,6 @@ def global_batch_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-
 @dataclass
 class ContrastiveConfig:
     # α of eq. 6, the weight of the contrastive loss; 0 = mask-then-predict only (no contrastive head is built)
