@@ -23,7 +23,8 @@ log = logging.getLogger("train")
 def prepare_synthetic(data: Any) -> None:
     """The set-up step of a recipe with built-in data (``data.synthetic``, motion classes or AVA-format): generate it
     into ``data.root`` unless it is there complete already, rank 0 first. Every entry point runs it before anything
-    reads the data; reading a split never writes."""
+    reads the data (``engine.launch`` before building the task, an ``--eval-only`` scorer before its test), after the
+    command line was checked; reading a split never writes."""
     spec = getattr(data, "synthetic", None)
     if spec is None:
         return

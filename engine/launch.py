@@ -146,7 +146,6 @@ def launch(task_cls: type, argv: Optional[Sequence[str]] = None, *, doc: str = "
     setup_logging(info.rank)
     configure_cuda_math(cfg.run.tf32)
     try:
-        prepare_synthetic(getattr(cfg, "data", None))  # the recipe's set-up: built-in data generated before it is read
         if instead_of_training is not None:
             code = instead_of_training(cfg, flags, info)
             if code is not None:
@@ -163,6 +162,7 @@ def _train(task_cls: type, cfg: Any, info) -> int:
     from engine.loop import TrainingStopped, train
 
     try:
+        prepare_synthetic(getattr(cfg, "data", None))  # the recipe's set-up: built-in data generated before it is read
         # A task may do long work of its own before training (a probe caches its features) and stop on a signal.
         task = task_cls(cfg)
         task.derived = derive(cfg.batch, cfg.optim, info.world_size, num_train_samples=len(task.train_set),

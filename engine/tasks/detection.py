@@ -25,6 +25,7 @@ from datasets.ava.splits import AVADataConfig, detected_keyframes, ground_truth,
 from datasets.video_dataset import model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig, ConfigError
+from engine.data import prepare_synthetic
 from engine.dist import is_main_process
 from engine.eval.detection import DetectionScores, average_precision, describe, score_keyframes, write_outputs
 from engine.loop import RunConfig
@@ -233,6 +234,7 @@ def evaluate_weights(cfg: DetectionConfig, path: str, device: torch.device) -> t
                                                                                        dict[int, str]]:
     """Score the validation keyframes with exported detector weights, without training (``detect.py
     --eval-only``); every rank calls it, each scoring its share. Returns (scores, AP, label map)."""
+    prepare_synthetic(cfg.data)
     label_map = read_label_map(cfg.data.path("label_map"))
     model = load_trained_detector(cfg.model, path).to(device).eval()
     dataset = AVAKeyframes(cfg.data.root, detected_keyframes(cfg.data), cfg.data, train=False)

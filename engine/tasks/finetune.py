@@ -24,7 +24,7 @@ from datasets.transforms import AugmentConfig
 from datasets.video_dataset import DataConfig, EvalClips, model_input
 from engine import checkpoint, ds
 from engine.config import BatchConfig
-from engine.data import multiview_test_set, train_clips, validation_set
+from engine.data import multiview_test_set, prepare_synthetic, train_clips, validation_set
 from engine.dist import is_main_process
 from engine.eval.multiview import EvalConfig, describe_scores, evaluate_clips
 from engine.frozen import load_trained_tokenizer
@@ -414,4 +414,5 @@ def evaluate_weights(cfg: FinetuneConfig, path: str, device: torch.device) -> di
     """The multi-view test of fine-tuned weights, without training (``finetune.py --eval-only``); every rank
     calls it, each scoring its share."""
     model = load_trained_model(cfg.model, path).to(device).eval()
+    prepare_synthetic(cfg.data)
     return score(cfg, model, multiview_test_set(cfg.data, cfg.model.encoder), device, torch.float32)
