@@ -9,9 +9,9 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from datasets.synthetic.ava import SyntheticAVASpec, ensure_synthetic_ava
+from datasets.synthetic.ava import SyntheticAVASpec, make_synthetic_ava
 from datasets.synthetic.ava import is_complete as is_complete_ava
-from datasets.synthetic.motion import ensure_synthetic_dataset
+from datasets.synthetic.motion import make_synthetic_dataset
 from datasets.synthetic.motion import is_complete as is_complete_motion
 from datasets.video_dataset import DataConfig, EvalClips, TrainClips, load_records
 from engine.dist import barrier, is_main_process
@@ -32,11 +32,8 @@ def prepare_synthetic(data: Any) -> None:
     if is_main_process() and not (is_complete_ava if ava else is_complete_motion)(data.root, spec):
         log.warning("data.synthetic is set: generating the built-in %s dataset into %s (once; set data.synthetic=null "
                     "to read your own data instead)", "AVA-format" if ava else "motion", os.path.abspath(data.root))
-    if not is_main_process():
-        barrier()  # rank 0 writes the files once; the others read what it wrote
-    (ensure_synthetic_ava if ava else ensure_synthetic_dataset)(data.root, spec)
-    if is_main_process():
-        barrier()
+        (make_synthetic_ava if ava else make_synthetic_dataset)(data.root, spec)
+    barrier()  # rank 0 writes the files once; the others read them after it
 
 
 def train_clips(data: DataConfig, encoder: ViTConfig, repeats: int, seed: int) -> TrainClips:

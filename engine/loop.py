@@ -278,7 +278,7 @@ class _Training:
             self.save_at_epoch_end = True
             _check_finite(self.engine, self.loss.item(), state.step)  # before the epoch's end acts on the weights
         logging_step = state.step % run.log_every == 0 or state.step == total
-        if logging_step or periodic or request is not None:
+        if logging_step or save_now:  # (a deferred save gathers at the epoch's end)
             state.unreadable += self.unreadable.gather()
         if logging_step:
             _log_step(self.metrics, self.engine, state, self.loss, self.shown, self.lr, self.wd, self.throughput,

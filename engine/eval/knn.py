@@ -85,10 +85,9 @@ class KNNMonitor:
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(features (n, D) L2-normalized, labels (n,), unreadable videos) of every readable clip, on every rank."""
         (rank, world), size = group_rank_and_size(), self.cfg.micro_batch
-        rounds = math.ceil(len(dataset) / (size * world))
-        starts = [start for start in ((r * world + rank) * size for r in range(rounds)) if start < len(dataset)]
+        rounds = math.ceil(len(dataset) / (size * world))  # the same on every rank
         batches = (collate_clips([dataset[i] for i in range(start, min(start + size, len(dataset)))])
-                   for start in starts)
+                   for start in range(rank * size, len(dataset), world * size))
         features, labels, failed = [], [], [0]
 
         def run(batch: dict) -> bool:
