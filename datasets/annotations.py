@@ -38,6 +38,10 @@ class AnnotationError(ValueError):
     """A list file (or folder) that cannot be turned into records; the message names file:line."""
 
 
+class MissingAnnotationList(AnnotationError, FileNotFoundError):
+    """A list file that is not there: the user's mistake, told in one line like any other annotation error."""
+
+
 @dataclass(frozen=True)
 class VideoRecord:
     """One sample: a video file, or a folder of frames.
@@ -92,7 +96,7 @@ def read_annotations(path_or_dir: str | os.PathLike, *, format: AnnotationFormat
     if os.path.isdir(path):
         return _read_folder_scan(path, format=format, data_root=data_root, num_classes=num_classes)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation list {path} does not exist")
+        raise MissingAnnotationList(f"annotation list {path} does not exist")
     if num_classes is not None and format in _UNLABELED_FORMATS:
         raise ValueError(f"format {format!r} carries no labels, so num_classes={num_classes} cannot be checked")
     return read_list_file(path, format=format, data_root=data_root, num_classes=num_classes)

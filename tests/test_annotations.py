@@ -143,6 +143,8 @@ def test_a_list_without_entries_is_an_error_naming_the_file(tmp_path, text):
 def test_missing_list_unknown_format_and_non_utf8(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.csv"):
         read_annotations(tmp_path / "nowhere.csv")
+    with pytest.raises(AnnotationError, match="nowhere.csv"):  # an entry point's one-line error, exit 2
+        read_annotations(tmp_path / "nowhere.csv")
     path = write_list(tmp_path, "a.mp4 1\n")
     with pytest.raises(ValueError, match="unknown annotation format 'csv'"):
         read_annotations(path, format="csv")

@@ -330,7 +330,8 @@ def test_entry_points_exit_2_with_one_line_on_wrong_input(tmp_path):
                                   "model.init=PATH",
              ("data.synthetic=null", f"data.train_list={bad_list}"): f"error: {bad_list}:2: expected '<path> "
                                                                       "<label>' with an integer label, got 'b.mp4'",
-             ("--config=nope.yaml",): "error: config file nope.yaml does not exist"}
+             ("--config=nope.yaml",): "error: config file nope.yaml does not exist",
+             ("data.synthetic=null", "data.train_list=nope.csv"): "error: annotation list nope.csv does not exist"}
     for args, expected in cases.items():
         result = subprocess.run([sys.executable, str(root / "run_scripts" / "finetune.py"), "--config", str(recipe),
                                  *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
